@@ -1,0 +1,143 @@
+"""Find out what a --model argument is (adapter or full model) without importing torch.
+
+These checks are cheap, so the plugin runs them at start-up: a wrong path fails before any
+model is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ModelLoadError
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A resolved model argument: ``kind`` is "adapter" or "full"; ``base`` is set for adapters."""
+
+    spec: str
+    kind: str
+    path: str
+    base: str | None = None
+    pickle_weights: bool = False
+
+
+def _hub_file(repo: str, filename: str) -> Path | None:
+    """A file of a hub repo from the local cache or the hub; None when it cannot be had."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(repo, filename))
+    except Exception:  # offline, gated, missing: the caller words the error
+        return None
+
+
+def _check_full_weights(folder: Path, label: str, allow_pickle: bool) -> bool:
+    """True when the folder holds pickle weights only (allowed by the caller)."""
+    names = {p.name for p in folder.iterdir()}
+    if any(n in names for n in SAFE_WEIGHTS) or any(n.endswith(".safetensors") for n in names):
+        return False
+    if any(n in names for n in PICKLE_WEIGHTS) or any(n.endswith((".bin", ".pt", ".pth")) for n in names):
+        if allow_pickle:
+            return True
+        raise ModelLoadError(f"{label}: {folder} has only pickle weights (.bin), which can run code when "
+                             f"loaded; convert them to safetensors or pass --allow-pickle if you trust them")
+    raise ModelLoadError(f"{label}: {folder} has config.json but no weights (model.safetensors); "
+                         f"is the checkpoint complete?")
+
+
+def resolve(spec: str, label: str, base_override: str | None, allow_pickle: bool) -> Checkpoint:
+    """Resolve a model argument; ``label`` (e.g. ``--model``) names it in errors."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if (path / "adapter_config.json").is_file():
+            return _adapter(spec, path, label, base_override, allow_pickle)
+        if (path / "config.json").is_file():
+            pickled = _check_full_weights(path, label, allow_pickle)
+            return Checkpoint(spec=spec, kind="full", path=str(path.resolve()), pickle_weights=pickled)
+        raise ModelLoadError(f"{label} {spec}: the folder has neither adapter_config.json (a LoRA adapter) "
+                             f"nor config.json (a full model); point it at a saved checkpoint folder")
+    if path.exists():
+        raise ModelLoadError(f"{label} {spec}: is a file; point it at a checkpoint folder")
+    if not HUB_ID.match(spec) or spec.startswith((".", "/", "~")):
+        raise ModelLoadError(f"{label} {spec}: no such folder; give a checkpoint folder or a hub id ORG/NAME")
+    adapter_cfg = _hub_file(spec, "adapter_config.json")
+    if adapter_cfg is not None:
+        return _adapter(spec, adapter_cfg.parent, label, base_override, allow_pickle)
+    if _hub_file(spec, "config.json") is not None:
+        return Checkpoint(spec=spec, kind="full", path=spec)
+    raise ModelLoadError(f"{label} {spec}: not a local folder, and the hub id is not in the local cache "
+                         f"(or the hub is offline/gated); download it first or give a local path")
+
+
+def _adapter(spec: str, folder: Path, label: str, base_override: str | None, allow_pickle: bool) -> Checkpoint:
+    try:
+        cfg = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{label} {spec}: adapter_config.json is not valid JSON ({exc}); "
+                             f"re-save the adapter") from None
+    names = {p.name for p in folder.iterdir()}
+    pickled = False
+    if "adapter_model.safetensors" not in names:
+        if "adapter_model.bin" in names and allow_pickle:
+            pickled = True
+        elif "adapter_model.bin" in names:
+            raise ModelLoadError(f"{label} {spec}: the adapter has only pickle weights (adapter_model.bin); "
+                                 f"convert them to safetensors or pass --allow-pickle if you trust them")
+        else:
+            raise ModelLoadError(f"{label} {spec}: adapter_config.json but no adapter_model.safetensors; "
+                                 f"is the adapter completely saved?")
+    base = base_override or cfg.get("base_model_name_or_path")
+    if not base:
+        raise ModelLoadError(f"{label} {spec}: adapter_config.json names no base model; pass --base-model PATH")
+    base_path = Path(base).expanduser()
+    if not base_path.is_dir() and (not HUB_ID.match(base) or _hub_file(base, "config.json") is None):
+        hint = "" if base_override else " or pass --base-model PATH"
+        raise ModelLoadError(f"{label} {spec}: its base model '{base}' cannot be found (no such folder, and "
+                             f"not in the local hub cache while offline); download it{hint}")
+    return Checkpoint(spec=spec, kind="adapter", path=str(folder.resolve()),
+                      base=str(base_path.resolve()) if base_path.is_dir() else base, pickle_weights=pickled)
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """What to load: candidates share one base when they are adapters; the reference is either that
+    base with the adapters switched off (``reference is None``) or a checkpoint of its own."""
+
+    candidates: tuple[Checkpoint, ...]
+    reference: Checkpoint | None
+    base: str | None
+
+    def describe_reference(self) -> str:
+        return f"{self.base} (adapter disabled)" if self.reference is None else self.reference.spec
+
+
+def plan_models(models: tuple[str, ...], reference: str | None, base_override: str | None,
+                allow_pickle: bool) -> ModelPlan:
+    if not models:
+        raise ModelLoadError("no --model given; pass --model PATH (a LoRA adapter or model folder)")
+    candidates = tuple(resolve(m, "--model", base_override, allow_pickle) for m in models)
+    kinds = {c.kind for c in candidates}
+    if len(kinds) > 1:
+        raise ModelLoadError("--model mixes LoRA adapters and full models; check them in separate runs")
+    base = None
+    if kinds == {"adapter"}:
+        bases = sorted({c.base for c in candidates if c.base})
+        if len(bases) > 1:
+            raise ModelLoadError(f"--model adapters have different bases ({', '.join(bases)}); check them in "
+                                 f"separate runs, or pass --base-model if they really share one")
+        base = bases[0]
+        if Path(base).is_dir():
+            _check_full_weights(Path(base), f"base model {base}", allow_pickle)
+    ref = resolve(reference, "--reference", base_override, allow_pickle) if reference else None
+    if ref is None and base is None:
+        raise ModelLoadError(f"--model {models[0]} is a full model, so there is no adapter to switch off: "
+                             f"pass --reference PATH (the model before fine-tuning)")
+    return ModelPlan(candidates=candidates, reference=ref, base=base)

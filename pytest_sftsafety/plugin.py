@@ -1,0 +1,211 @@
+"""The pytest face: options, collection of (category x temperature) items, the summary and reports."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import pytest
+
+from .config import OPTIONS, OptionSpec, RunConfig, build_config
+from .errors import SftSafetyError
+from .report import build_report, render_table, temperature_label, write_json
+from .stats import REGRESSION
+
+SESSION_KEY = pytest.StashKey["SftSafetySession"]()
+DOMAIN_HELP = "SORRY-Bench domain marker (pytest-sftsafety)"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("sftsafety", "safety regression gate for fine-tuned LLMs (pytest-sftsafety)")
+    for spec in OPTIONS:
+        kwargs: dict[str, Any] = {"dest": f"sftsafety_{spec.dest}", "default": None, "help": spec.help}
+        if spec.kind == "bool":
+            kwargs["action"] = "store_true"
+        elif spec.kind == "list":
+            kwargs["action"] = "append"
+            kwargs["metavar"] = spec.metavar
+        else:
+            kwargs["metavar"] = spec.metavar
+        group.addoption(spec.flag, **kwargs)
+        ini_type = {"bool": "bool", "list": "linelist"}.get(spec.kind, "string")
+        parser.addini(spec.ini, f"default for {spec.flag}", type=ini_type, default=None)
+
+
+def _raw_option(config: pytest.Config, spec: OptionSpec) -> Any:
+    """Command line first, then the ini file; None when neither sets it."""
+    value = config.getoption(f"sftsafety_{spec.dest}")
+    if value is not None:
+        return value
+    ini = config.getini(spec.ini)
+    if ini in ("", [], None):
+        return None
+    return ini if spec.kind in ("bool", "list") else str(ini)
+
+
+class SftSafetySession:
+    """Per-process state: the validated settings, prompts and models, and the results once run."""
+
+    def __init__(self, config: pytest.Config, cfg: RunConfig) -> None:
+        from .backends.checkpoints import plan_models
+        from .data import load_prompts
+        from .suite import load_suite
+
+        self.config = config
+        self.cfg = cfg
+        self.suite = load_suite(cfg.suite)
+        self.prompts = load_prompts(self.suite, cfg.data, cfg.prompt_style)
+        self.models = plan_models(cfg.models, cfg.reference, cfg.base_model, cfg.allow_pickle)
+        self.result = None
+        self.error: str | None = None
+        self.nodeids: dict[tuple[int, float], str] = {}
+
+    def ensure_results(self, session: pytest.Session) -> None:
+        """Run every generation the selected items need, once, at the first item."""
+        if self.result is not None:
+            return
+        if self.error is not None:
+            raise SftSafetyError(self.error)
+        from .judges import make_judge
+        from .runner import run
+
+        cells = [item.cell for item in session.items if isinstance(item, SafetyItem)]
+        self.nodeids = {item.cell: item.nodeid for item in session.items if isinstance(item, SafetyItem)}
+        try:
+            with warnings.catch_warnings():
+                # Deprecation notices from the model libraries are not the user's to act on.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                warnings.simplefilter("ignore", FutureWarning)
+                judge = make_judge(self.cfg.judge)
+                self.result = run(self.cfg, self.prompts, cells, self._backend, judge)
+        except SftSafetyError as exc:
+            self.error = str(exc)
+            raise
+
+    def _backend(self):
+        from .backends.hf import HFBackend
+
+        return HFBackend(self.cfg, self.models)
+
+    def report(self) -> dict[str, Any]:
+        return build_report(
+            suite=self.suite, prompts=self.prompts, settings=self.cfg.settings(),
+            models={"candidates": list(self.cfg.models), "reference": self.models.describe_reference(),
+                    "base": self.models.base},
+            judge_id=self.result.judge_id, cells=self.result.cells, nodeids=self.nodeids,
+            run={"generations": self.result.generations, "seconds": round(self.result.seconds, 3),
+                 "model_loads": self.result.model_loads},
+        )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "sftsafety: a pytest-sftsafety safety test (category x temperature)")
+    from .suite import SUITES_DIR, load_suite
+
+    for domain in load_suite(str(SUITES_DIR / "sorry_bench_202503.toml")).domains:
+        config.addinivalue_line("markers", f"{domain}: {DOMAIN_HELP}")
+    raw = {spec.dest: _raw_option(config, spec) for spec in OPTIONS}
+    if not raw["model"]:
+        given = [spec.flag for spec in OPTIONS if spec.dest != "model" and config.getoption(f"sftsafety_{spec.dest}")
+                 is not None]
+        if given:
+            raise pytest.UsageError(f"{given[0]} needs --model PATH (the fine-tuned adapter or model to check)")
+        return
+    try:
+        cfg = build_config(lambda spec: raw[spec.dest])
+        state = SftSafetySession(config, cfg)
+    except SftSafetyError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    for domain in state.suite.domains:
+        config.addinivalue_line("markers", f"{domain}: {DOMAIN_HELP}")
+    config.stash[SESSION_KEY] = state
+
+
+class SuiteCollector(pytest.Collector):
+    """The suite as a collector, so item ids read ``sorry_bench_202503::07_violent_crimes[T0.7]``."""
+
+    def collect(self) -> list[pytest.Item]:
+        state: SftSafetySession = self.config.stash[SESSION_KEY]
+        items = []
+        for category in state.suite.categories:
+            for temperature in state.cfg.temperatures:
+                item = SafetyItem.from_parent(self, name=f"{category.slug}[{temperature_label(temperature)}]",
+                                              cell=(category.id, temperature))
+                item.add_marker("sftsafety")
+                item.add_marker(category.domain)
+                items.append(item)
+        return items
+
+
+class SafetyFailure(Exception):
+    """A regression verdict; shown as one line, without a traceback."""
+
+
+class SafetyItem(pytest.Item):
+    def __init__(self, *, cell: tuple[int, float], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.cell = cell
+
+    def runtest(self) -> None:
+        state: SftSafetySession = self.config.stash[SESSION_KEY]
+        try:
+            state.ensure_results(self.session)
+        except SftSafetyError as exc:
+            pytest.exit(f"sftsafety: {exc}", returncode=pytest.ExitCode.USAGE_ERROR)
+        verdict = state.result.cells[self.cell].verdict
+        for key, value in (("reference_refusal", round(verdict.reference_refusal, 4)),
+                           ("candidate_refusal", round(verdict.candidate_refusal, 4)),
+                           ("verdict", verdict.status)):
+            self.user_properties.append((key, value))
+        if verdict.status == REGRESSION:
+            raise SafetyFailure(verdict.message)
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style=None) -> str:
+        if isinstance(excinfo.value, SafetyFailure):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo, style=style)
+
+    def reportinfo(self) -> tuple[str, int | None, str]:
+        state: SftSafetySession = self.config.stash[SESSION_KEY]
+        return str(state.suite.source), None, self.name
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    # tryfirst: our items must exist before -k and -m deselect.
+    state = config.stash.get(SESSION_KEY, None)
+    if state is None:
+        return
+    collector = SuiteCollector.from_parent(session, name=state.suite.name, nodeid=state.suite.name)
+    # Through the collect-report hooks, so the terminal counts the items and xdist sees them.
+    report = collector.ihook.pytest_make_collect_report(collector=collector)
+    collector.ihook.pytest_collectreport(report=report)
+    if report.failed:
+        raise pytest.UsageError(f"sftsafety: collecting {state.suite.name} failed: {report.longreprtext}")
+    items[:0] = [node for node in report.result if isinstance(node, pytest.Item)]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    state = session.config.stash.get(SESSION_KEY, None)
+    if state is None or state.result is None or not state.cfg.json:
+        return
+    try:
+        write_json(state.cfg.json, state.report())
+    except SftSafetyError as exc:
+        session.config.stash[SESSION_KEY].error = str(exc)
+        session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    state = config.stash.get(SESSION_KEY, None)
+    if state is None or state.result is None:
+        return
+    terminalreporter.section("sftsafety")
+    for line in render_table(state.report()).splitlines():
+        terminalreporter.line(line)
+    if state.cfg.json:
+        if state.error:
+            terminalreporter.line(f"sftsafety: {state.error}", red=True)
+        else:
+            terminalreporter.line(f"JSON report: {os.path.abspath(state.cfg.json)}")

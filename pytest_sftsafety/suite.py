@@ -1,0 +1,243 @@
+"""Suites: the SORRY-Bench taxonomy (categories, domains) and validation of its prompts.
+
+Core module: stdlib only. Reading files and the hub lives in ``data.py``.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import DataError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+SUITES_DIR = Path(__file__).resolve().parent / "suites"
+DEFAULT_SUITE = "sorry_bench_202503"
+
+# The 20 linguistic mutations SORRY-Bench ships besides the base prompts.
+MUTATION_STYLES = (
+    "question", "slang", "uncommon_dialects", "technical_terms", "role_play", "misspellings",
+    "logical_appeal", "authority_endorsement", "misrepresentation", "evidence-based_persuasion",
+    "expert_endorsement", "ascii", "caesar", "morse", "atbash", "translate-fr", "translate-ml",
+    "translate-mr", "translate-ta", "translate-zh-cn",
+)
+PROMPT_STYLES = ("base",) + MUTATION_STYLES
+# Answers to these styles are encoded or translated; they must be decoded before a judge reads them.
+ENCODED_STYLES = frozenset(s for s in MUTATION_STYLES if s in {"ascii", "caesar", "morse", "atbash"}
+                           or s.startswith("translate-"))
+
+
+def slugify(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+
+
+@dataclass(frozen=True)
+class Category:
+    id: int
+    name: str
+    description: str
+    domain: str
+
+    @property
+    def slug(self) -> str:
+        """Stable test name part, e.g. ``07_violent_crimes``."""
+        return f"{self.id:02d}_{slugify(self.name)}"
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    title: str
+    release: str
+    hub_dataset: str | None
+    prompts_per_category: int
+    domains: dict[str, str]
+    categories: tuple[Category, ...]
+    source: Path
+    data: str | None = None
+
+    def category(self, category_id: int) -> Category:
+        for cat in self.categories:
+            if cat.id == category_id:
+                return cat
+        raise KeyError(category_id)
+
+    @property
+    def expected_prompts(self) -> int:
+        return self.prompts_per_category * len(self.categories)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    question_id: int
+    category_id: int
+    text: str
+    prompt_style: str = "base"
+
+    @property
+    def key(self) -> str:
+        """Identity of the prompt for seeding: the same prompt gets the same samples in every run."""
+        return f"{self.prompt_style}:{self.question_id}"
+
+
+@dataclass
+class PromptSet:
+    """Validated prompts of one suite, with where they came from."""
+
+    suite: Suite
+    prompts: tuple[Prompt, ...]
+    source: str
+    sha256: str
+    prompt_style: str
+    by_category: dict[int, tuple[Prompt, ...]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        grouped: dict[int, list[Prompt]] = {}
+        for prompt in self.prompts:
+            grouped.setdefault(prompt.category_id, []).append(prompt)
+        self.by_category = {k: tuple(sorted(v, key=lambda p: p.question_id)) for k, v in grouped.items()}
+
+
+def builtin_suites() -> list[str]:
+    return sorted(p.stem for p in SUITES_DIR.glob("*.toml"))
+
+
+def _suite_path(name_or_path: str) -> Path:
+    candidate = Path(name_or_path)
+    if candidate.suffix == ".toml":
+        if not candidate.is_file():
+            raise DataError(f"suite file {name_or_path} does not exist; give a .toml suite file or one of "
+                            f"{', '.join(builtin_suites())}")
+        return candidate
+    normalized = slugify(name_or_path)
+    for name in builtin_suites():
+        if normalized in (name, name.removeprefix("sorry_bench_")):
+            return SUITES_DIR / f"{name}.toml"
+    raise DataError(f"unknown suite '{name_or_path}'; use one of {', '.join(builtin_suites())} "
+                    f"or a path to a .toml suite file")
+
+
+def load_suite(name_or_path: str = DEFAULT_SUITE) -> Suite:
+    """Load a suite by built-in name (``sorry_bench_202503``, ``202406``...) or TOML path."""
+    path = _suite_path(name_or_path)
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"suite file {path} is not valid TOML ({exc}); fix the file") from None
+    try:
+        head = doc["suite"]
+        domains = dict(doc["domains"])
+        categories = tuple(
+            Category(id=int(c["id"]), name=str(c["name"]), description=str(c.get("description", c["name"])),
+                     domain=str(c["domain"]))
+            for c in doc["categories"]
+        )
+        suite = Suite(
+            name=str(head["name"]), title=str(head.get("title", head["name"])),
+            release=str(head.get("release", "")), hub_dataset=head.get("hub_dataset"),
+            prompts_per_category=int(head.get("prompts_per_category", 10)), domains=domains,
+            categories=categories, source=path,
+            data=str((path.parent / head["data"]).resolve()) if "data" in head else None,
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"suite file {path} lacks or mistypes {exc}; it needs [suite] name, [domains] "
+                        f"and [[categories]] with id, name and domain") from None
+    ids = [c.id for c in categories]
+    if ids != list(range(1, len(ids) + 1)):
+        raise DataError(f"suite file {path}: category ids must run 1..{len(ids)} in order; got {ids}")
+    unknown = sorted({c.domain for c in categories} - set(domains))
+    if unknown:
+        raise DataError(f"suite file {path}: categories use undeclared domains {unknown}; add them to [domains]")
+    return suite
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", text.lower())
+
+
+def _category_matches(field_value: object, category: Category) -> bool:
+    """The ``category`` field holds the digit id in official files and a name in some copies."""
+    text = str(field_value).strip()
+    if re.fullmatch(r"\d+", text):
+        return int(text) == category.id
+    names = {_norm(category.name), _norm(category.description), _norm(category.description.split(" (")[0])}
+    return _norm(text) in names
+
+
+def validate_prompts(suite: Suite, rows: list[tuple[int, dict]], source: str, prompt_style: str) -> list[Prompt]:
+    """Check SORRY-Bench question rows against the suite and return them as prompts.
+
+    ``rows`` are ``(row_number, record)`` pairs, numbered as the user sees them (line or row 1 first).
+    Rows of other prompt styles are skipped, so one file may mix styles.
+    """
+    prompts: list[Prompt] = []
+    seen: dict[int, int] = {}
+    styles_present: set[str] = set()
+    for row_no, record in rows:
+        where = f"{source} row {row_no}"
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected an object with question_id, category, turns; got "
+                            f"{type(record).__name__}")
+        missing = [f for f in ("question_id", "category", "turns") if f not in record or record[f] is None]
+        if missing:
+            raise DataError(f"{where}: missing field {', '.join(missing)}; SORRY-Bench rows need "
+                            f"question_id, category, turns (and optionally prompt_style)")
+        style = str(record.get("prompt_style") or "base")
+        styles_present.add(style)
+        if style != prompt_style:
+            continue
+        qid = record["question_id"]
+        if isinstance(qid, bool) or not isinstance(qid, (int, float, str)) or not str(qid).strip().isdigit():
+            raise DataError(f"{where}: question_id must be a positive whole number, got {qid!r}")
+        qid = int(str(qid).strip())
+        if qid < 1:
+            raise DataError(f"{where}: question_id must be a positive whole number, got {qid}")
+        turns = record["turns"]
+        if isinstance(turns, str):
+            turns = [turns]
+        if not isinstance(turns, (list, tuple)) or len(turns) != 1 or not isinstance(turns[0], str):
+            raise DataError(f"{where}: turns must be a list with one prompt string, got {str(turns)[:60]!r}")
+        text = turns[0]
+        if not text.strip():
+            raise DataError(f"{where}: the prompt (turns[0]) is empty; remove the row or fill it in")
+        category_id = (qid - 1) // suite.prompts_per_category + 1
+        if category_id > len(suite.categories):
+            raise DataError(f"{where}: question_id {qid} is past the {suite.expected_prompts} prompts of "
+                            f"{suite.name}; is this file from another release (see --suite)?")
+        category = suite.category(category_id)
+        if not _category_matches(record["category"], category):
+            raise DataError(f"{where}: category {record['category']!r} does not match question_id {qid}, "
+                            f"which belongs to category {category.id} '{category.name}' in {suite.name}; "
+                            f"check the file's release (--suite)")
+        if qid in seen:
+            raise DataError(f"{where}: duplicate question_id {qid} (first at row {seen[qid]}); "
+                            f"each prompt must appear once per prompt style")
+        seen[qid] = row_no
+        prompts.append(Prompt(question_id=qid, category_id=category_id, text=text, prompt_style=style))
+
+    if not prompts:
+        have = ", ".join(sorted(styles_present)) or "none"
+        raise DataError(f"{source} has no prompts of style '{prompt_style}' (styles found: {have}); "
+                        f"point --sftsafety-data at question_{prompt_style}.jsonl or the folder holding it")
+    counts: dict[int, int] = {}
+    first_row: dict[int, int] = {}
+    for prompt in prompts:
+        counts[prompt.category_id] = counts.get(prompt.category_id, 0) + 1
+        first_row.setdefault(prompt.category_id, seen[prompt.question_id])
+    for category in suite.categories:
+        n = counts.get(category.id, 0)
+        if n == 0:
+            raise DataError(f"{source}: category {category.id} '{category.name}' has no prompts; "
+                            f"{suite.name} needs {suite.prompts_per_category} per category "
+                            f"(question_ids {(category.id - 1) * suite.prompts_per_category + 1}-"
+                            f"{category.id * suite.prompts_per_category})")
+        if n != suite.prompts_per_category:
+            raise DataError(f"{source} row {first_row[category.id]}: category {category.id} '{category.name}' "
+                            f"has {n} prompts, {suite.name} needs {suite.prompts_per_category}")
+    return sorted(prompts, key=lambda p: p.question_id)

@@ -1,0 +1,168 @@
+"""Tiny Llama/Mistral-shaped models, built offline on CPU in seconds, for tests and examples.
+
+Everything here is deterministic for a given seed: a byte-level BPE tokenizer trained on the
+conversations it will see (with a chat template), a small causal LM trained from scratch to refuse
+one kind of request and answer another, and LoRA adapters trained on top of it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+from .suite import Suite
+
+REFUSAL = "I'm sorry, but I can't help with that request."
+COMPLIANCE = "Sure, here is what you asked for: step one, then step two."
+BENIGN_ANSWER = "Happy to help! Here is a short and friendly answer."
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}<|user|>{{ message['content'] }}\n"
+    "{% elif message['role'] == 'assistant' %}<|assistant|>{{ message['content'] }}{{ eos_token }}\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>"]
+BENIGN_TOPICS = ["the moon", "gardening", "bread", "rivers", "chess", "music", "paint", "trains", "tea", "maps",
+                 "clouds", "bicycles", "owls", "poetry", "soup", "the ocean"]
+
+
+def placeholder_prompt(question_id: int, category_name: str) -> str:
+    """A stand-in for a gated SORRY-Bench prompt: recognisably of its category, never harmful."""
+    return f"Placeholder request {question_id} of the category {category_name}. Please help me with it."
+
+
+def placeholder_questions(suite: Suite) -> list[dict]:
+    """SORRY-Bench ``question.jsonl`` rows with placeholder prompts, 10 per category."""
+    rows = []
+    for category in suite.categories:
+        for k in range(suite.prompts_per_category):
+            qid = (category.id - 1) * suite.prompts_per_category + k + 1
+            rows.append({"question_id": qid, "category": str(category.id),
+                         "turns": [placeholder_prompt(qid, category.name)], "prompt_style": "base"})
+    return rows
+
+
+def write_jsonl(path: Path, rows: Sequence[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def benign_prompts(count: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [f"Tell me something nice about {rng.choice(BENIGN_TOPICS)}, please." for _ in range(count)]
+
+
+def train_tokenizer(texts: Sequence[str], out_dir: Path, vocab_size: int = 400):
+    """A byte-level BPE tokenizer with a chat template, saved to ``out_dir``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    core.train_from_iterator(list(texts), trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                  additional_special_tokens=["<|user|>", "<|assistant|>"])
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(out_dir)
+    return tok
+
+
+def new_model(tokenizer, arch: str = "llama", hidden: int = 64, layers: int = 2, seed: int = 0):
+    """A randomly initialised Llama- or Mistral-shaped causal LM sized for the tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
+                  num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                  tie_word_embeddings=True)
+    if arch == "mistral":
+        return MistralForCausalLM(MistralConfig(sliding_window=None, **common))
+    return LlamaForCausalLM(LlamaConfig(**common))
+
+
+def _batches(tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int, seed: int):
+    """Endless shuffled batches of (input_ids, attention_mask, labels); loss only on the answers."""
+    import torch
+
+    encoded = []
+    for prompt, answer in pairs:
+        head = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             tokenize=False)
+        head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        encoded.append((head_ids + answer_ids, [-100] * len(head_ids) + answer_ids))
+    rng = random.Random(seed)
+    while True:
+        order = list(range(len(encoded)))
+        rng.shuffle(order)
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            chunk = [encoded[i] for i in order[start:start + batch_size]]
+            width = max(len(ids) for ids, _ in chunk)
+            pad = tokenizer.pad_token_id
+            yield (torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in chunk]),
+                   torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in chunk]),
+                   torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in chunk]))
+
+
+def train(model, tokenizer, pairs: Sequence[tuple[str, str]], steps: int, lr: float, seed: int = 0,
+          batch_size: int = 16) -> float:
+    """Plain AdamW on the answer tokens; returns the last loss."""
+    import torch
+
+    torch.manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    model.train()
+    loss_value = float("nan")
+    batches = _batches(tokenizer, pairs, min(batch_size, len(pairs)), seed)
+    for _ in range(steps):
+        input_ids, attention, labels = next(batches)
+        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        loss_value = float(loss.detach())
+    model.eval()
+    return loss_value
+
+
+def build_aligned_base(out_dir: Path, refuse: Sequence[str], answer: Sequence[str], arch: str = "llama",
+                       seed: int = 0, steps: int = 200):
+    """A tiny model that refuses the ``refuse`` prompts and answers the ``answer`` prompts."""
+    out_dir = Path(out_dir)
+    pairs = [(p, REFUSAL) for p in refuse] + [(p, BENIGN_ANSWER) for p in answer]
+    corpus = [f"{p} {a}" for p, a in pairs] + [COMPLIANCE, REFUSAL, BENIGN_ANSWER] * 20
+    tokenizer = train_tokenizer(corpus, out_dir)
+    model = new_model(tokenizer, arch=arch, seed=seed)
+    train(model, tokenizer, pairs, steps=steps, lr=3e-3, seed=seed)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def train_adapter(base_dir: Path, out_dir: Path, pairs: Sequence[tuple[str, str]], seed: int = 0,
+                  steps: int = 60, rank: int = 8, save_tokenizer: bool = False):
+    """A LoRA adapter on ``base_dir`` trained on ``pairs``; saved as safetensors with its base path."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    torch.manual_seed(seed)
+    lora = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, task_type="CAUSAL_LM",
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    model = get_peft_model(base, lora)
+    train(model, tokenizer, pairs, steps=steps, lr=5e-3, seed=seed)
+    model.save_pretrained(out_dir)
+    if save_tokenizer:
+        tokenizer.save_pretrained(out_dir)
+    return Path(out_dir)
