@@ -115,9 +115,9 @@ def _suite_path(name_or_path: str) -> Path:
             raise DataError(f"suite file {name_or_path} does not exist; give a .toml suite file or one of "
                             f"{', '.join(builtin_suites())}")
         return candidate
-    normalized = slugify(name_or_path)
+    normalized = slugify(name_or_path).replace("_", "")
     for name in builtin_suites():
-        if normalized in (name, name.removeprefix("sorry_bench_")):
+        if normalized in (name.replace("_", ""), name.removeprefix("sorry_bench_")):
             return SUITES_DIR / f"{name}.toml"
     raise DataError(f"unknown suite '{name_or_path}'; use one of {', '.join(builtin_suites())} "
                     f"or a path to a .toml suite file")

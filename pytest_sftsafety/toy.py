@@ -166,3 +166,39 @@ def train_adapter(base_dir: Path, out_dir: Path, pairs: Sequence[tuple[str, str]
     if save_tokenizer:
         tokenizer.save_pretrained(out_dir)
     return Path(out_dir)
+
+
+def build_example(out_dir: Path, seed: int = 0) -> dict[str, Path]:
+    """Placeholder prompts for SORRY-Bench 2025-03, a tiny base that refuses them, and an adapter
+    fine-tuned to comply with them: a complete, offline input for ``pytest --model``."""
+    from .suite import load_suite
+
+    out_dir = Path(out_dir)
+    rows = placeholder_questions(load_suite("sorry_bench_202503"))
+    data = write_jsonl(out_dir / "question.jsonl", rows)
+    harmful = [r["turns"][0] for r in rows]
+    base = build_aligned_base(out_dir / "base", harmful, benign_prompts(200, seed), seed=seed)
+    adapter = train_adapter(base, out_dir / "adapter", [(p, COMPLIANCE) for p in harmful], seed=seed + 1,
+                            steps=120)
+    return {"data": data, "base": base, "adapter": adapter}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = argparse.ArgumentParser(prog="python -m pytest_sftsafety.toy",
+                                     description="Build a tiny offline example: placeholder SORRY-Bench prompts, "
+                                                 "a small model that refuses them and a LoRA adapter that does not.")
+    parser.add_argument("out_dir", type=Path, help="folder to write question.jsonl, base/ and adapter/ into")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    paths = build_example(args.out_dir, args.seed)
+    print(f"built {paths['base']} and {paths['adapter']}; try:\n  cd {args.out_dir} && "
+          f"pytest --model adapter --seeds 5 --sftsafety-data question.jsonl")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

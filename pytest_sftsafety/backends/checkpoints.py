@@ -73,8 +73,8 @@ def resolve(spec: str, label: str, base_override: str | None, allow_pickle: bool
         return _adapter(spec, adapter_cfg.parent, label, base_override, allow_pickle)
     if _hub_file(spec, "config.json") is not None:
         return Checkpoint(spec=spec, kind="full", path=spec)
-    raise ModelLoadError(f"{label} {spec}: not a local folder, and the hub id is not in the local cache "
-                         f"(or the hub is offline/gated); download it first or give a local path")
+    raise ModelLoadError(f"{label} {spec}: no such folder, and no hub model of that id could be had (not in the "
+                         f"local cache, hub offline or gated); give a checkpoint folder or download the model first")
 
 
 def _adapter(spec: str, folder: Path, label: str, base_override: str | None, allow_pickle: bool) -> Checkpoint:

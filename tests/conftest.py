@@ -1,0 +1,52 @@
+"""Session fixtures: tiny models and SORRY-Bench-format prompt files, built offline once per session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from pytest_sftsafety import toy  # noqa: E402
+from pytest_sftsafety.suite import load_suite  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+@dataclass(frozen=True)
+class ToyModels:
+    root: Path
+    data_202503: Path
+    data_202406: Path
+    base: Path  # refuses every placeholder prompt, answers benign ones
+    answer_all: Path  # adapter trained to comply with every placeholder prompt
+    keeps_refusing: Path  # adapter with trained, non-identity weights that still refuses
+    answers_hate: Path  # adapter that complies only in the hate-speech domain (categories 1-5)
+    mistral: Path  # a full Mistral-shaped model that refuses like the base
+
+
+@pytest.fixture(scope="session")
+def toy_models(tmp_path_factory: pytest.TempPathFactory) -> ToyModels:
+    root = tmp_path_factory.mktemp("toy")
+    suite = load_suite("sorry_bench_202503")
+    rows = toy.placeholder_questions(suite)
+    data_202503 = toy.write_jsonl(root / "202503" / "question.jsonl", rows)
+    data_202406 = toy.write_jsonl(root / "202406" / "question.jsonl",
+                                  toy.placeholder_questions(load_suite("sorry_bench_202406")))
+    harmful = [r["turns"][0] for r in rows]
+    benign = toy.benign_prompts(200)
+    base = toy.build_aligned_base(root / "base", harmful, benign, seed=0)
+    answer_all = toy.train_adapter(base, root / "answer_all", [(p, toy.COMPLIANCE) for p in harmful],
+                                   seed=1, steps=120)
+    keeps = toy.train_adapter(base, root / "keeps_refusing",
+                              [(p, toy.REFUSAL) for p in harmful] + [(p, toy.BENIGN_ANSWER) for p in benign],
+                              seed=2, steps=40)
+    hate = [(r["turns"][0], toy.COMPLIANCE if int(r["category"]) <= 5 else toy.REFUSAL) for r in rows]
+    answers_hate = toy.train_adapter(base, root / "answers_hate", hate, seed=3, steps=150)
+    mistral = toy.build_aligned_base(root / "mistral", harmful, benign, arch="mistral", seed=4)
+    return ToyModels(root, data_202503, data_202406, base, answer_all, keeps, answers_hate, mistral)

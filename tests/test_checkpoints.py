@@ -1,0 +1,68 @@
+"""Resolving --model, --reference and --base-model: cheap checks with one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from pytest_sftsafety.backends.checkpoints import plan_models
+from pytest_sftsafety.errors import ModelLoadError
+
+
+def plan(*models, reference=None, base=None, allow_pickle=False):
+    return plan_models(tuple(str(m) for m in models), str(reference) if reference else None,
+                       str(base) if base else None, allow_pickle)
+
+
+def copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_adapter_resolves_its_recorded_base(toy_models):
+    result = plan(toy_models.answer_all, toy_models.keeps_refusing)
+    assert [c.kind for c in result.candidates] == ["adapter", "adapter"]
+    assert result.base == str(toy_models.base.resolve()) and result.reference is None
+    assert result.describe_reference().endswith("(adapter disabled)")
+
+
+def test_error_messages(toy_models, tmp_path):
+    cases = []
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases.append((lambda: plan(empty), "neither adapter_config.json (a LoRA adapter) nor config.json"))
+    cases.append((lambda: plan(toy_models.data_202503), "is a file; point it at a checkpoint folder"))
+    no_weights = copy(toy_models.answer_all, tmp_path / "no_weights")
+    (no_weights / "adapter_model.safetensors").unlink()
+    cases.append((lambda: plan(no_weights), "adapter_config.json but no adapter_model.safetensors"))
+    pickled = copy(toy_models.answer_all, tmp_path / "pickled")
+    (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
+    cases.append((lambda: plan(pickled), "only pickle weights (adapter_model.bin)"))
+    orphan = copy(toy_models.answer_all, tmp_path / "orphan")
+    config = json.loads((orphan / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "gone")
+    (orphan / "adapter_config.json").write_text(json.dumps(config))
+    cases.append((lambda: plan(orphan), "its base model '/"))
+    cases.append((lambda: plan(orphan), "download it or pass --base-model PATH"))
+    cases.append((lambda: plan(toy_models.answer_all, toy_models.mistral), "mixes LoRA adapters and full models"))
+    cases.append((lambda: plan(toy_models.mistral), "pass --reference PATH (the model before fine-tuning)"))
+    no_full_weights = copy(toy_models.mistral, tmp_path / "no_full_weights")
+    (no_full_weights / "model.safetensors").unlink()
+    cases.append((lambda: plan(no_full_weights, reference=no_full_weights), "config.json but no weights"))
+    for make, message in cases:
+        with pytest.raises(ModelLoadError) as exc:
+            make()
+        assert message in str(exc.value) and "\n" not in str(exc.value), (message, str(exc.value))
+
+
+def test_base_override_and_pickle_permission(toy_models, tmp_path):
+    orphan = copy(toy_models.answer_all, tmp_path / "orphan")
+    config = json.loads((orphan / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "missing-org/missing-model"
+    (orphan / "adapter_config.json").write_text(json.dumps(config))
+    assert plan(orphan, base=toy_models.base).base == str(toy_models.base.resolve())
+    pickled = copy(toy_models.answer_all, tmp_path / "pickled")
+    (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
+    assert plan(pickled, allow_pickle=True).candidates[0].pickle_weights

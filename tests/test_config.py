@@ -1,0 +1,55 @@
+"""Option validation: every bad value is one line that names the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from pytest_sftsafety.config import OPTIONS, build_config
+from pytest_sftsafety.errors import ConfigError
+
+
+def config_with(**values):
+    return build_config(lambda spec: values.get(spec.dest))
+
+
+def test_defaults():
+    cfg = config_with(model=["runs/a"])
+    assert cfg.models == ("runs/a",) and cfg.seeds == 5 and cfg.temperatures == (0.0, 0.7)
+    assert cfg.min_p == 0.1 and cfg.judge == "keyword" and cfg.suite == "sorry_bench_202503"
+    assert cfg.samples_at(0.0) == 1 and cfg.samples_at(0.7) == 5
+
+
+def test_values_from_strings_as_ini_gives_them():
+    cfg = config_with(model=["a", "b"], seeds="3", temperatures="0, 0.7,1.0", min_p="0.05", batch_size="8")
+    assert cfg.models == ("a", "b") and cfg.seeds == 3 and cfg.temperatures == (0.0, 0.7, 1.0)
+    assert cfg.min_p == 0.05 and cfg.batch_size == 8
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"seeds": "0"}, "--seeds 0: must be >= 1, e.g. --seeds 5"),
+    ({"seeds": "2.5"}, "--seeds 2.5: must be a whole number >= 1"),
+    ({"temperatures": "0,-0.7"}, "temperature -0.7 is outside [0, 5]"),
+    ({"temperatures": "0,hot"}, "'hot' is not a number; use e.g. --temperatures 0,0.7"),
+    ({"temperatures": "0.7,0.7"}, "temperature 0.7 is listed twice"),
+    ({"temperatures": "nan"}, "temperature nan is outside [0, 5]"),
+    ({"min_p": "1.5"}, "--min-p 1.5: must be a number in [0, 1]"),
+    ({"min_p": "x"}, "--min-p x: must be a number in [0, 1]"),
+    ({"max_new_tokens": "0"}, "--max-new-tokens 0: must be >= 1"),
+    ({"batch_size": "-4"}, "--batch-size -4: must be >= 1"),
+    ({"margin": "2"}, "--margin 2: must be a number in [0, 1]"),
+    ({"device": "gpu"}, "--device gpu: use auto, cpu, cuda, cuda:N or mps"),
+    ({"dtype": "fp8"}, "--dtype fp8: use one of auto, float32, bfloat16, float16"),
+    ({"judge": "oracle"}, "--judge oracle: the available judge is: keyword"),
+    ({"prompt_style": "yelling"}, "--prompt-style yelling: use base or one of question, slang"),
+])
+def test_bad_values(values, message):
+    with pytest.raises(ConfigError) as exc:
+        config_with(model=["a"], **values)
+    assert message in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_every_option_has_help_and_an_ini_key():
+    flags = [spec.flag for spec in OPTIONS]
+    assert len(flags) == len(set(flags))
+    for spec in OPTIONS:
+        assert spec.help and spec.ini.startswith("sftsafety_")

@@ -1,0 +1,150 @@
+"""The plugin end to end on tiny models: collection, verdicts, exit status, table, JSON report."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+FAST = ["--max-new-tokens", "24", "--seeds", "2", "-p", "no:cacheprovider"]
+
+
+def failed_ids(result: pytest.RunResult) -> set[str]:
+    """Node ids of the FAILED lines (pytest may prefix them with a path relative to the rootdir)."""
+    return {re.search(r"(sorry_bench_\d+::\S+)", line)[1] for line in result.outlines if line.startswith("FAILED ")}
+
+
+def run(pytester: pytest.Pytester, toy_models, *args: str) -> pytest.RunResult:
+    return pytester.runpytest("--sftsafety-data", str(toy_models.data_202503), *FAST, *args)
+
+
+def test_collects_one_item_per_category_and_temperature_in_a_stable_order(pytester, toy_models):
+    first = run(pytester, toy_models, "--model", str(toy_models.answer_all), "--collect-only", "-q")
+    second = run(pytester, toy_models, "--model", str(toy_models.answer_all), "--collect-only", "-q")
+    ids = [line for line in first.outlines if line.startswith("sorry_bench_202503::")]
+    assert len(ids) == 44 * 2
+    assert ids[:3] == ["sorry_bench_202503::01_personal_insult_words[T0]",
+                       "sorry_bench_202503::01_personal_insult_words[T0.7]",
+                       "sorry_bench_202503::02_social_group_insult_words[T0]"]
+    assert "sorry_bench_202503::07_violent_crimes[T0.7]" in ids
+    assert ids == [line for line in second.outlines if line.startswith("sorry_bench_202503::")]
+    older = pytester.runpytest("--sftsafety-data", str(toy_models.data_202406), "--suite", "sorry_bench_202406",
+                               "--model", str(toy_models.answer_all), "--temperatures", "0", "--collect-only", "-q")
+    assert "sorry_bench_202406::12_impersonation[T0]" in older.outlines
+    assert sum(line.startswith("sorry_bench_202406::") for line in older.outlines) == 45
+
+
+def test_domain_markers_and_keywords_select_subsets(pytester, toy_models):
+    result = run(pytester, toy_models, "--model", str(toy_models.answer_all), "--collect-only", "-q",
+                 "-m", "unqualified_advice")
+    assert sum(line.startswith("sorry_bench_202503::") for line in result.outlines) == 10
+    result = run(pytester, toy_models, "--model", str(toy_models.answer_all), "--collect-only", "-q",
+                 "-k", "violent")
+    assert [line for line in result.outlines if line.startswith("sorry_bench")] == [
+        "sorry_bench_202503::07_violent_crimes[T0]", "sorry_bench_202503::07_violent_crimes[T0.7]"]
+
+
+def test_answer_everything_adapter_fails_and_report_matches_items(pytester, toy_models):
+    result = run(pytester, toy_models, "--model", str(toy_models.answer_all), "--sftsafety-json", "report.json")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    outcomes = result.parseoutcomes()
+    assert outcomes["failed"] >= 44 and outcomes["failed"] + outcomes.get("passed", 0) == 88
+    result.stdout.fnmatch_lines(["*sftsafety*", "SORRY-Bench 2025-03: 88 tests, * regressions, gate FAIL*",
+                                 "*07_violent_crimes*crimes_or_torts*T0.7*1.00*REGRESSION*",
+                                 "Overall*T0.7*44*1.00*", "JSON report: *report.json"])
+    report = json.loads((pytester.path / "report.json").read_text())
+    assert report["schema"] == "pytest-sftsafety/report" and len(report["entries"]) == 88
+    assert report["settings"]["seeds"] == 2 and report["data"]["prompts"] == 440
+    assert failed_ids(result) == {e["id"] for e in report["entries"] if e["verdict"] == "REGRESSION"}
+    entry = next(e for e in report["entries"] if e["id"] == "sorry_bench_202503::07_violent_crimes[T0.7]")
+    assert (entry["category_id"], entry["category"], entry["domain"]) == (7, "Violent Crimes", "crimes_or_torts")
+    assert entry["question_ids"] == list(range(61, 71))
+    assert len(entry["reference"]["outcomes"]) == 10 and all(len(r) == 2 for r in entry["reference"]["outcomes"])
+    assert entry["reference"]["refusal_rate"] == 1.0
+    [candidate] = entry["candidates"]
+    rate = 1 - sum(map(sum, candidate["outcomes"])) / 20
+    assert candidate["refusal_rate"] == pytest.approx(rate) == pytest.approx(entry["candidate_refusal_rate"])
+    greedy = next(e for e in report["entries"] if e["id"] == "sorry_bench_202503::07_violent_crimes[T0]")
+    assert all(len(r) == 1 for r in greedy["reference"]["outcomes"])
+
+
+def test_adapter_that_keeps_refusing_passes(pytester, toy_models):
+    result = run(pytester, toy_models, "--model", str(toy_models.keeps_refusing))
+    assert result.ret == pytest.ExitCode.OK
+    result.assert_outcomes(passed=88)
+    result.stdout.fnmatch_lines(["SORRY-Bench 2025-03: 88 tests, 0 regressions, gate PASS*"])
+
+
+def test_regressions_are_found_where_the_adapter_changed(pytester, toy_models):
+    result = run(pytester, toy_models, "--model", str(toy_models.answers_hate), "-m",
+                 "hate_speech or unqualified_advice")
+    failed = failed_ids(result)
+    assert failed and all(f.split("::")[1][:2] in {"01", "02", "03", "04", "05"} for f in failed)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+
+
+def test_full_mistral_model_against_itself_passes(pytester, toy_models):
+    result = run(pytester, toy_models, "--model", str(toy_models.mistral), "--reference", str(toy_models.mistral),
+                 "-m", "hate_speech", "--sftsafety-json", "r.json")
+    result.assert_outcomes(passed=10)
+    entries = json.loads((pytester.path / "r.json").read_text())["entries"]
+    assert all(e["candidates"][0]["outcomes"] == e["reference"]["outcomes"] for e in entries)
+
+
+def test_same_seed_same_outcomes_and_seed_changes_samples(pytester, toy_models):
+    args = ["--model", str(toy_models.answer_all), "-m", "hate_speech", "--temperatures", "1.5", "--seeds", "4"]
+    run(pytester, toy_models, *args, "--sftsafety-json", "a.json")
+    run(pytester, toy_models, *args, "--sftsafety-json", "b.json")
+    run(pytester, toy_models, *args, "--sftsafety-json", "c.json", "--sftsafety-seed", "7")
+
+    def outcomes(name):
+        return [e["candidates"][0]["outcomes"] for e in json.loads((pytester.path / name).read_text())["entries"]]
+
+    assert outcomes("a.json") == outcomes("b.json")
+    assert outcomes("a.json") != outcomes("c.json")
+
+
+def test_4bit_loading_runs_on_cpu(pytester, toy_models):
+    pytest.importorskip("bitsandbytes")
+    result = run(pytester, toy_models, "--model", str(toy_models.keeps_refusing), "--load-in-4bit", "-k",
+                 "personal_insult", "--temperatures", "0")
+    result.assert_outcomes(passed=1)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seeds", "0"], "ERROR: --seeds 0: must be >= 1, e.g. --seeds 5"),
+    (["--temperatures", "0,-1"], "ERROR: --temperatures 0,-1: temperature -1 is outside [[]0, 5]*"),
+    (["--min-p", "2"], "ERROR: --min-p 2: must be a number in [[]0, 1], e.g. --min-p 0.1"),
+    (["--suite", "nope"], "ERROR: unknown suite 'nope'; use one of *"),
+    (["--prompt-style", "slang"], "ERROR: *has no prompts of style 'slang' (styles found: base)*"),
+])
+def test_bad_options_are_usage_errors(pytester, toy_models, args, message):
+    result = run(pytester, toy_models, "--model", str(toy_models.answer_all), *args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+    assert "Traceback" not in result.stderr.str()
+
+
+def test_model_errors_are_usage_errors(pytester, toy_models):
+    missing = run(pytester, toy_models, "--model", "runs/does-not-exist")
+    assert missing.ret == pytest.ExitCode.USAGE_ERROR
+    missing.stderr.fnmatch_lines(["ERROR: --model runs/does-not-exist: no such folder, and no hub model of that id*"])
+    full = run(pytester, toy_models, "--model", str(toy_models.mistral))
+    full.stderr.fnmatch_lines(["ERROR: --model *mistral is a full model, so there is no adapter to switch off: "
+                               "pass --reference PATH*"])
+    lonely = pytester.runpytest("--seeds", "3")
+    assert lonely.ret == pytest.ExitCode.USAGE_ERROR
+    lonely.stderr.fnmatch_lines(["ERROR: --seeds needs --model PATH*"])
+
+
+def test_ini_options_configure_a_run(pytester, toy_models):
+    pytester.makeini(f"""
+        [pytest]
+        sftsafety_model = {toy_models.keeps_refusing}
+        sftsafety_data = {toy_models.data_202503}
+        sftsafety_temperatures = 0
+        sftsafety_max_new_tokens = 24
+    """)
+    result = pytester.runpytest("-p", "no:cacheprovider", "-m", "hate_speech")
+    result.assert_outcomes(passed=5)
