@@ -53,3 +53,11 @@ def test_every_option_has_help_and_an_ini_key():
     assert len(flags) == len(set(flags))
     for spec in OPTIONS:
         assert spec.help and spec.ini.startswith("sftsafety_")
+
+
+def test_readme_documents_every_option():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    for spec in OPTIONS:
+        assert f"`{spec.flag}" in readme and f"| `{spec.dest}` |" in readme, spec.flag
