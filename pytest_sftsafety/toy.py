@@ -8,6 +8,7 @@ one kind of request and answer another, and LoRA adapters trained on top of it.
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -163,9 +164,18 @@ def train_adapter(base_dir: Path, out_dir: Path, pairs: Sequence[tuple[str, str]
     model = get_peft_model(base, lora)
     train(model, tokenizer, pairs, steps=steps, lr=5e-3, seed=seed)
     model.save_pretrained(out_dir)
+    _record_relative_base(Path(out_dir), Path(base_dir))
     if save_tokenizer:
         tokenizer.save_pretrained(out_dir)
     return Path(out_dir)
+
+
+def _record_relative_base(adapter_dir: Path, base_dir: Path) -> None:
+    """Record the base relative to the adapter, so the pair can be moved or copied together."""
+    config_path = adapter_dir / "adapter_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = os.path.relpath(base_dir.resolve(), adapter_dir.resolve())
+    config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
 def build_example(out_dir: Path, seed: int = 0) -> dict[str, Path]:
@@ -185,7 +195,6 @@ def build_example(out_dir: Path, seed: int = 0) -> dict[str, Path]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
-    import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = argparse.ArgumentParser(prog="python -m pytest_sftsafety.toy",
@@ -194,6 +203,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("out_dir", type=Path, help="folder to write question.jsonl, base/ and adapter/ into")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    import warnings
+
+    warnings.simplefilter("ignore", FutureWarning)  # deprecation chatter from the model libraries
     paths = build_example(args.out_dir, args.seed)
     print(f"built {paths['base']} and {paths['adapter']}; try:\n  cd {args.out_dir} && "
           f"pytest --model adapter --seeds 5 --sftsafety-data question.jsonl")
