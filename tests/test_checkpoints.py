@@ -17,11 +17,19 @@ def plan(*models, reference=None, base=None, allow_pickle=False):
 
 
 def copy(src, dst):
+    """Copy an adapter, pointing its recorded (relative) base at the original base by absolute path."""
     shutil.copytree(src, dst)
+    config_path = dst / "adapter_config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text())
+        config["base_model_name_or_path"] = str((src / config["base_model_name_or_path"]).resolve())
+        config_path.write_text(json.dumps(config))
     return dst
 
 
 def test_adapter_resolves_its_recorded_base(toy_models):
+    assert json.loads((toy_models.answer_all / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        "../base"  # relative to the adapter folder, found there
     result = plan(toy_models.answer_all, toy_models.keeps_refusing)
     assert [c.kind for c in result.candidates] == ["adapter", "adapter"]
     assert result.base == str(toy_models.base.resolve()) and result.reference is None

@@ -148,3 +148,30 @@ def test_ini_options_configure_a_run(pytester, toy_models):
     """)
     result = pytester.runpytest("-p", "no:cacheprovider", "-m", "hate_speech")
     result.assert_outcomes(passed=5)
+
+
+def test_corrupt_weights_stop_the_run_with_one_line(pytester, toy_models, tmp_path):
+    import shutil
+
+    broken = shutil.copytree(toy_models.mistral, tmp_path / "broken")
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    result = run(pytester, toy_models, "--model", str(broken), "--reference", str(broken), "-m", "hate_speech")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stdout.fnmatch_lines(["*sftsafety: --model *broken: weights failed to load (*); check that the checkpoint "
+                                 "is complete and matches its config.json*"])
+    assert "Traceback" not in result.stdout.str()
+
+
+def test_tokenizer_without_chat_template_falls_back_to_a_plain_format(pytester, toy_models, tmp_path):
+    import shutil
+
+    plain = shutil.copytree(toy_models.mistral, tmp_path / "plain")
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    for extra in plain.glob("chat_template.*"):
+        extra.unlink()
+    result = run(pytester, toy_models, "--model", str(plain), "--reference", str(plain), "-k", "violent")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*the tokenizer has no chat template; prompts are sent as 'User: ...*"])
