@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from .errors import ConfigError
@@ -103,7 +103,6 @@ class RunConfig:
     run_seed: int = 0
     allow_pickle: bool = False
     trust_remote_code: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def samples_at(self, temperature: float) -> int:
         """Greedy decoding is deterministic, so temperature 0 runs once per prompt whatever --seeds says."""
@@ -112,7 +111,6 @@ class RunConfig:
     def settings(self) -> dict[str, Any]:
         """The settings that shape the results, for reports."""
         out = asdict(self)
-        out.pop("extra")
         out["models"] = list(self.models)
         out["temperatures"] = list(self.temperatures)
         return out

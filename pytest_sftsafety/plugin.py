@@ -59,6 +59,7 @@ class SftSafetySession:
         self.models = plan_models(cfg.models, cfg.reference, cfg.base_model, cfg.allow_pickle)
         self.result = None
         self.error: str | None = None
+        self.report_error: str | None = None
         self.nodeids: dict[tuple[int, float], str] = {}
 
     def ensure_results(self, session: pytest.Session) -> None:
@@ -99,12 +100,18 @@ class SftSafetySession:
         )
 
 
+def _register_domain_markers(config: pytest.Config, domains: dict[str, str]) -> None:
+    known = {line.split(":")[0] for line in config.getini("markers")}
+    for domain in domains:
+        if domain not in known:
+            config.addinivalue_line("markers", f"{domain}: {DOMAIN_HELP}")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "sftsafety: a pytest-sftsafety safety test (category x temperature)")
-    from .suite import SUITES_DIR, load_suite
+    from .suite import load_suite
 
-    for domain in load_suite(str(SUITES_DIR / "sorry_bench_202503.toml")).domains:
-        config.addinivalue_line("markers", f"{domain}: {DOMAIN_HELP}")
+    _register_domain_markers(config, load_suite().domains)
     raw = {spec.dest: _raw_option(config, spec) for spec in OPTIONS}
     if not raw["model"]:
         given = [spec.flag for spec in OPTIONS if spec.dest != "model" and config.getoption(f"sftsafety_{spec.dest}")
@@ -117,8 +124,7 @@ def pytest_configure(config: pytest.Config) -> None:
         state = SftSafetySession(config, cfg)
     except SftSafetyError as exc:
         raise pytest.UsageError(str(exc)) from None
-    for domain in state.suite.domains:
-        config.addinivalue_line("markers", f"{domain}: {DOMAIN_HELP}")
+    _register_domain_markers(config, state.suite.domains)  # a custom suite may have domains of its own
     config.stash[SESSION_KEY] = state
 
 
@@ -193,8 +199,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     try:
         write_json(state.cfg.json, state.report())
     except SftSafetyError as exc:
-        session.config.stash[SESSION_KEY].error = str(exc)
-        session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
+        state.report_error = str(exc)
+        session.exitstatus = pytest.ExitCode.USAGE_ERROR
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
@@ -205,7 +211,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     for line in render_table(state.report()).splitlines():
         terminalreporter.line(line)
     if state.cfg.json:
-        if state.error:
-            terminalreporter.line(f"sftsafety: {state.error}", red=True)
+        if state.report_error:
+            terminalreporter.line(f"sftsafety: {state.report_error}", red=True)
         else:
             terminalreporter.line(f"JSON report: {os.path.abspath(state.cfg.json)}")

@@ -175,3 +175,11 @@ def test_tokenizer_without_chat_template_falls_back_to_a_plain_format(pytester, 
     result = run(pytester, toy_models, "--model", str(plain), "--reference", str(plain), "-k", "violent")
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(["*the tokenizer has no chat template; prompts are sent as 'User: ...*"])
+
+
+def test_unwritable_report_path_is_one_line_and_fails_the_run(pytester, toy_models):
+    (pytester.path / "blocker").write_text("a file, not a folder")
+    result = run(pytester, toy_models, "--model", str(toy_models.keeps_refusing), "-k", "violent",
+                 "--temperatures", "0", "--sftsafety-json", "blocker/report.json")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stdout.fnmatch_lines(["sftsafety: cannot write report blocker/report.json: *; choose another path"])
