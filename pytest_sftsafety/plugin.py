@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -69,20 +70,35 @@ class SftSafetySession:
         if self.error is not None:
             raise SftSafetyError(self.error)
         from .judges import make_judge
+        from .progress import TerminalProgress
         from .runner import run
+        from .store import Store
 
         cells = [item.cell for item in session.items if isinstance(item, SafetyItem)]
         self.nodeids = {item.cell: item.nodeid for item in session.items if isinstance(item, SafetyItem)}
         try:
-            with warnings.catch_warnings():
-                # Deprecation notices from the model libraries are not the user's to act on.
-                warnings.simplefilter("ignore", DeprecationWarning)
-                warnings.simplefilter("ignore", FutureWarning)
-                judge = make_judge(self.cfg.judge)
-                self.result = run(self.cfg, self.prompts, cells, self._backend, judge)
+            store = Store(self.store_path())
+            try:
+                with warnings.catch_warnings():
+                    # Deprecation notices from the model libraries are not the user's to act on.
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    warnings.simplefilter("ignore", FutureWarning)
+                    self.result = run(self.cfg, self.prompts, cells, self.models, self._backend,
+                                      make_judge(self.cfg.judge), store,
+                                      lambda total, label: TerminalProgress(self.config, total, label))
+            finally:
+                store.close()
         except SftSafetyError as exc:
             self.error = str(exc)
             raise
+
+    def store_path(self) -> Path:
+        if self.cfg.store:
+            return Path(self.cfg.store)
+        cache = getattr(self.config, "cache", None)
+        folder = cache.mkdir("sftsafety") if cache is not None else \
+            self.config.rootpath / ".pytest_cache" / "d" / "sftsafety"
+        return Path(folder) / "store.sqlite"
 
     def _backend(self):
         from .backends.hf import HFBackend
@@ -90,13 +106,16 @@ class SftSafetySession:
         return HFBackend(self.cfg, self.models)
 
     def report(self) -> dict[str, Any]:
+        stats = self.result.stats
         return build_report(
             suite=self.suite, prompts=self.prompts, settings=self.cfg.settings(),
             models={"candidates": list(self.cfg.models), "reference": self.models.describe_reference(),
                     "base": self.models.base},
             judge_id=self.result.judge_id, cells=self.result.cells, nodeids=self.nodeids,
-            run={"generations": self.result.generations, "seconds": round(self.result.seconds, 3),
-                 "model_loads": self.result.model_loads},
+            run={"generations": stats.generations, "generated": stats.generated, "from_store": stats.from_store,
+                 "new_tokens": stats.new_tokens, "judged": stats.judged, "model_loads": stats.model_loads,
+                 "oom_backoffs": stats.oom_backoffs, "seconds": round(stats.seconds, 3),
+                 "store": str(self.store_path())},
         )
 
 

@@ -1,20 +1,42 @@
-"""Plan every generation a process needs, run it in one pass per variant, judge, and build verdicts."""
+"""Plan every generation a process needs, take what the store has, generate the rest in one batched
+pass per variant (each batch stored as soon as it is done), judge, and build verdicts."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
-from .backends import GenRow
+from .backends import ENGINE_VERSION, GenRow
+from .backends.checkpoints import ModelPlan, variant_fingerprint
 from .config import RunConfig
 from .seeding import sample_seed
 from .stats import Verdict, tolerance_verdict
+from .store import Store, content_key, text_hash
 from .suite import Category, PromptSet
 
 Cell = tuple[int, float]  # (category id, temperature)
+JUDGE_CHUNK = 256
+
+
+class Progress(Protocol):
+    def update(self, rows: int, tokens: int = 0) -> None: ...
+
+    def close(self) -> None: ...
+
+
+ProgressFactory = Callable[[int, str], Progress]
+
+
+class _Silent:
+    def update(self, rows: int, tokens: int = 0) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 @dataclass
@@ -32,14 +54,26 @@ class CellResult:
 
 
 @dataclass
+class RunStats:
+    generations: int = 0  # needed by the run, all variants
+    generated: int = 0  # of those, made now (the rest came from the store)
+    new_tokens: int = 0  # tokens generated now
+    judged: int = 0  # judgments made now
+    model_loads: int = 0
+    oom_backoffs: int = 0
+    seconds: float = 0.0
+
+    @property
+    def from_store(self) -> int:
+        return self.generations - self.generated
+
+
+@dataclass
 class RunResult:
     cells: dict[Cell, CellResult]
     variants: list[str]
-    generations: int
-    seconds: float
-    model_loads: int
     judge_id: str
-    notes: list[str] = field(default_factory=list)
+    stats: RunStats = field(default_factory=RunStats)
 
 
 @dataclass(frozen=True)
@@ -49,32 +83,75 @@ class _Slot:
     sample: int
 
 
-def run(cfg: RunConfig, prompts: PromptSet, cells: Sequence[Cell], backend_factory: Callable[[], object],
-        judge) -> RunResult:
-    """Generate and judge everything ``cells`` need for the candidates and the reference."""
-    started = time.perf_counter()
-    variants = [f"candidate:{i}" for i in range(len(cfg.models))] + ["reference"]
+def generation_key(cfg: RunConfig, fingerprint: str, row: GenRow) -> str:
+    """What determines an answer: engine, weights, prompt, sampling settings, seed and load settings.
+    Greedy answers carry no seed and no sampling cut-offs, so every run seed shares them."""
+    sampling = (row.temperature, cfg.top_p, cfg.min_p, row.seed) if row.temperature > 0 else (0.0,)
+    return content_key("generation", ENGINE_VERSION, fingerprint, text_hash(row.prompt), sampling,
+                       cfg.max_new_tokens, cfg.dtype, cfg.load_in_4bit, cfg.device)
+
+
+def judgment_key(judge_id: str, prompt: str, response: str) -> str:
+    return content_key("judgment", judge_id, text_hash(prompt), text_hash(response))
+
+
+def plan_rows(cfg: RunConfig, prompts: PromptSet, cells: Sequence[Cell]) -> tuple[list[_Slot], list[GenRow]]:
+    """One row per (cell, prompt, sample); the seed depends only on (run seed, prompt id, sample index)."""
     slots: list[_Slot] = []
     rows: list[GenRow] = []
-    slots_of: dict[Cell, list[int]] = {cell: [] for cell in cells}
     for cell in cells:
         category_id, temperature = cell
         for p_index, prompt in enumerate(prompts.by_category[category_id]):
             for sample in range(cfg.samples_at(temperature)):
-                slots_of[cell].append(len(slots))
                 slots.append(_Slot(cell, p_index, sample))
-                rows.append(GenRow(prompt.text, temperature, sample_seed(cfg.run_seed, prompt.key, sample)))
+                seed = sample_seed(cfg.run_seed, prompt.key, sample) if temperature > 0 else 0
+                rows.append(GenRow(prompt.text, temperature, seed))
+    return slots, rows
 
-    backend = backend_factory()
-    texts: dict[str, list[str]] = {}
-    try:
-        for variant in variants:
-            texts[variant] = backend.generate(variant, rows)
-    finally:
-        backend.close()
-    scores = {v: judge.score([r.prompt for r in rows], texts[v]) for v in variants}
 
+def run(cfg: RunConfig, prompts: PromptSet, cells: Sequence[Cell], plan: ModelPlan, backend_factory: Callable,
+        judge, store: Store, progress: ProgressFactory | None = None) -> RunResult:
+    """Generate and judge everything ``cells`` need for the candidates and the reference."""
+    started = time.perf_counter()
+    make_progress = progress or (lambda total, label: _Silent())
+    variants = [f"candidate:{i}" for i in range(len(plan.candidates))] + ["reference"]
+    slots, rows = plan_rows(cfg, prompts, cells)
+    stats = RunStats(generations=len(rows) * len(variants))
+
+    hashes = store.file_hashes()
+    known = dict(hashes)
+    fingerprints = {v: variant_fingerprint(plan, v, hashes) for v in variants}
+    if hashes != known:
+        store.put_file_hashes({k: v for k, v in hashes.items() if known.get(k) != v})
+
+    texts: dict[str, list[str | None]] = {v: [None] * len(rows) for v in variants}
+    keys = {v: [generation_key(cfg, fingerprints[v], row) for row in rows] for v in variants}
+    if not cfg.fresh:
+        for v in variants:
+            found = store.get_generations(keys[v])
+            for i, key in enumerate(keys[v]):
+                if key in found:
+                    texts[v][i] = found[key][0]
+    missing = {v: [i for i, t in enumerate(texts[v]) if t is None] for v in variants}
+    total_missing = sum(len(m) for m in missing.values())
+    if total_missing:
+        backend = backend_factory()
+        bar = make_progress(total_missing, "generating")
+        try:
+            for v in variants:
+                if missing[v]:
+                    _generate_variant(backend, v, missing[v], rows, keys[v], texts[v], store, stats, bar)
+        finally:
+            bar.close()
+            stats.model_loads = getattr(backend, "loads", 0)
+            stats.oom_backoffs = getattr(backend, "oom_backoffs", 0)
+            backend.close()
+
+    scores = _judge_all(cfg, judge, rows, variants, texts, store, stats, make_progress)
     results: dict[Cell, CellResult] = {}
+    slots_of: dict[Cell, list[int]] = {cell: [] for cell in cells}
+    for index, slot in enumerate(slots):
+        slots_of[slot.cell].append(index)
     for cell in cells:
         category_id, temperature = cell
         n_prompts = len(prompts.by_category[category_id])
@@ -92,6 +169,49 @@ def run(cfg: RunConfig, prompts: PromptSet, cells: Sequence[Cell], backend_facto
             question_ids=[p.question_id for p in prompts.by_category[category_id]],
             reference=reference, candidates=candidates, reference_texts=answer[-1],
             candidate_texts=answer[:-1], verdict=tolerance_verdict(reference, candidates, cfg.margin))
-    return RunResult(cells=results, variants=variants, generations=len(rows) * len(variants),
-                     seconds=time.perf_counter() - started, model_loads=getattr(backend, "loads", 0),
-                     judge_id=judge.id)
+    stats.seconds = time.perf_counter() - started
+    return RunResult(cells=results, variants=variants, judge_id=judge.id, stats=stats)
+
+
+def _generate_variant(backend, variant: str, missing: list[int], rows: list[GenRow], keys: list[str],
+                      texts: list[str | None], store: Store, stats: RunStats, bar: Progress) -> None:
+    def on_batch(batch: list[int], outputs: list[str], new_tokens: list[int]) -> None:
+        done = {}
+        for local, text, count in zip(batch, outputs, new_tokens, strict=True):
+            index = missing[local]
+            texts[index] = text
+            done[keys[index]] = (text, count)
+        store.put_generations(done)  # committed now: an interruption loses at most the next batch
+        stats.generated += len(batch)
+        stats.new_tokens += sum(new_tokens)
+        bar.update(len(batch), sum(new_tokens))
+
+    backend.generate(variant, [rows[i] for i in missing], on_batch)
+
+
+def _judge_all(cfg: RunConfig, judge, rows: list[GenRow], variants: list[str], texts: dict[str, list],
+               store: Store, stats: RunStats, make_progress: ProgressFactory) -> dict[str, list[int]]:
+    scores: dict[str, list[int | None]] = {v: [None] * len(rows) for v in variants}
+    pending: list[tuple[str, int, str]] = []
+    for v in variants:
+        keys = [judgment_key(judge.id, row.prompt, texts[v][i]) for i, row in enumerate(rows)]
+        found = {} if cfg.fresh else store.get_judgments(keys)
+        for i, key in enumerate(keys):
+            if key in found:
+                scores[v][i] = found[key]
+            else:
+                pending.append((v, i, key))
+    if pending:
+        bar = make_progress(len(pending), "judging")
+        try:
+            for start in range(0, len(pending), JUDGE_CHUNK):
+                chunk = pending[start:start + JUDGE_CHUNK]
+                judged = judge.score([rows[i].prompt for _, i, _ in chunk], [texts[v][i] for v, i, _ in chunk])
+                for (v, i, _), score in zip(chunk, judged, strict=True):
+                    scores[v][i] = score
+                store.put_judgments({key: score for (_, _, key), score in zip(chunk, judged, strict=True)})
+                stats.judged += len(chunk)
+                bar.update(len(chunk))
+        finally:
+            bar.close()
+    return scores  # type: ignore[return-value]

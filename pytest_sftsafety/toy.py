@@ -74,8 +74,10 @@ def train_tokenizer(texts: Sequence[str], out_dir: Path, vocab_size: int = 400):
     return tok
 
 
-def new_model(tokenizer, arch: str = "llama", hidden: int = 64, layers: int = 2, seed: int = 0):
-    """A randomly initialised Llama- or Mistral-shaped causal LM sized for the tokenizer."""
+def new_model(tokenizer, arch: str = "llama", hidden: int = 64, layers: int = 2, seed: int = 0,
+              init_std: float = 0.02):
+    """A randomly initialised Llama- or Mistral-shaped causal LM sized for the tokenizer. A larger
+    ``init_std`` (e.g. 0.2) gives an untrained model varied outputs instead of one repeated token."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
@@ -84,7 +86,7 @@ def new_model(tokenizer, arch: str = "llama", hidden: int = 64, layers: int = 2,
                   num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                  tie_word_embeddings=True)
+                  tie_word_embeddings=True, initializer_range=init_std)
     if arch == "mistral":
         return MistralForCausalLM(MistralConfig(sliding_window=None, **common))
     return LlamaForCausalLM(LlamaConfig(**common))

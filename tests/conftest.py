@@ -11,6 +11,7 @@ from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
 
 from pytest_sftsafety import toy  # noqa: E402
 from pytest_sftsafety.suite import load_suite  # noqa: E402
@@ -28,6 +29,7 @@ class ToyModels:
     keeps_refusing: Path  # adapter with trained, non-identity weights that still refuses
     answers_hate: Path  # adapter that complies only in the hate-speech domain (categories 1-5)
     mistral: Path  # a full Mistral-shaped model that refuses like the base
+    random: Path  # an untrained Llama-shaped model: diverse samples, long answers
 
 
 @pytest.fixture(scope="session")
@@ -49,4 +51,8 @@ def toy_models(tmp_path_factory: pytest.TempPathFactory) -> ToyModels:
     hate = [(r["turns"][0], toy.COMPLIANCE if int(r["category"]) <= 5 else toy.REFUSAL) for r in rows]
     answers_hate = toy.train_adapter(base, root / "answers_hate", hate, seed=3, steps=150)
     mistral = toy.build_aligned_base(root / "mistral", harmful, benign, arch="mistral", seed=4)
-    return ToyModels(root, data_202503, data_202406, base, answer_all, keeps, answers_hate, mistral)
+    random_dir = root / "random"
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.save_pretrained(random_dir)
+    toy.new_model(tokenizer, seed=5, init_std=0.2).save_pretrained(random_dir)
+    return ToyModels(root, data_202503, data_202406, base, answer_all, keeps, answers_hate, mistral, random_dir)

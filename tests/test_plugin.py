@@ -95,7 +95,7 @@ def test_full_mistral_model_against_itself_passes(pytester, toy_models):
 def test_same_seed_same_outcomes_and_seed_changes_samples(pytester, toy_models):
     args = ["--model", str(toy_models.answer_all), "-m", "hate_speech", "--temperatures", "1.5", "--seeds", "4"]
     run(pytester, toy_models, *args, "--sftsafety-json", "a.json")
-    run(pytester, toy_models, *args, "--sftsafety-json", "b.json")
+    run(pytester, toy_models, *args, "--sftsafety-json", "b.json", "--sftsafety-fresh")
     run(pytester, toy_models, *args, "--sftsafety-json", "c.json", "--sftsafety-seed", "7")
 
     def outcomes(name):

@@ -12,3 +12,7 @@ class GenRow:
     prompt: str
     temperature: float
     seed: int
+
+
+# Bump when decoding changes what a (model, prompt, settings, seed) produces: stored results are keyed by it.
+ENGINE_VERSION = "decode-v1"

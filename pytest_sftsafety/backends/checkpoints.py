@@ -6,6 +6,7 @@ model is loaded.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -143,3 +144,66 @@ def plan_models(models: tuple[str, ...], reference: str | None, base_override: s
         raise ModelLoadError(f"--model {models[0]} is a full model, so there is no adapter to switch off: "
                              f"pass --reference PATH (the model before fine-tuning)")
     return ModelPlan(candidates=candidates, reference=ref, base=base)
+
+
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
+_HASH_CHUNK = 1 << 22
+
+
+def has_tokenizer(folder: str | Path) -> bool:
+    return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
+
+
+def tokenizer_source(plan: ModelPlan, variant: str) -> str:
+    """The folder (or hub id) whose tokenizer a variant uses: the adapter's own, else its base's."""
+    if plan.base is not None and (variant != "reference" or plan.reference is None):
+        folders = [c.path for c in plan.candidates[:1] if has_tokenizer(c.path)]
+        return folders[0] if folders else plan.base
+    ckpt = plan.reference if variant == "reference" else plan.candidates[int(variant.split(":")[1])]
+    if ckpt.kind == "adapter" and not has_tokenizer(ckpt.path):
+        return ckpt.base
+    return ckpt.path
+
+
+def file_sha256(path: Path, cache: dict[tuple[str, int, int], str] | None = None) -> str:
+    """sha256 of a file, remembered per (path, size, mtime) so large weights are read once."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if cache is not None and key in cache:
+        return cache[key]
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    if cache is not None:
+        cache[key] = digest.hexdigest()
+    return digest.hexdigest()
+
+
+def source_fingerprint(source: str, cache: dict | None = None) -> str:
+    """What a model folder holds (every file's name and sha256), or a hub id with its cached revision."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return f"hub:{source}"
+    parts = []
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and not path.name.startswith(".") and path.suffix.lower() not in (".md", ".txt"):
+            parts.append(f"{path.name}:{file_sha256(path, cache)}")
+    snapshot = folder.parent.name if folder.parent.name == "snapshots" else ""
+    return hashlib.sha256("\n".join([snapshot, *parts]).encode()).hexdigest()
+
+
+def variant_fingerprint(plan: ModelPlan, variant: str, cache: dict | None = None) -> str:
+    """Identity of the weights and tokenizer that produce a variant's answers."""
+    if plan.base is not None and (variant != "reference" or plan.reference is None):
+        weights = [f"base={source_fingerprint(plan.base, cache)}"]
+        if variant != "reference":
+            adapter = plan.candidates[int(variant.split(":")[1])]
+            weights.append(f"adapter={source_fingerprint(adapter.path, cache)}")
+    else:
+        ckpt = plan.reference if variant == "reference" else plan.candidates[int(variant.split(":")[1])]
+        weights = [f"{ckpt.kind}={source_fingerprint(ckpt.path, cache)}"]
+        if ckpt.kind == "adapter":
+            weights.append(f"base={source_fingerprint(ckpt.base, cache)}")
+    weights.append(f"tokenizer={source_fingerprint(tokenizer_source(plan, variant), cache)}")
+    return hashlib.sha256("\n".join(weights).encode()).hexdigest()

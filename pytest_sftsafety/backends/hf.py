@@ -1,24 +1,22 @@
 """transformers + peft backend: one model in memory serves the adapters and the reference.
 
-Sampling is done by ``SeededSampler``: temperature and min-p as transformers defines them, then
-Gumbel-max noise drawn from each row's own seed, so a sample does not depend on its batch.
+Decoding (``decoding.decode``) samples each row from its own seed, so a sample does not depend on its batch.
 """
 
 from __future__ import annotations
 
 import gc
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
-from transformers import LogitsProcessor
 
 from ..config import RunConfig
 from ..errors import ModelLoadError
-from ..seeding import step_seed
 from . import GenRow
-from .checkpoints import Checkpoint, ModelPlan
+from .checkpoints import Checkpoint, ModelPlan, tokenizer_source
+from .decoding import decode
 
 PLAIN_FORMAT = "User: {prompt}\nAssistant:"
 
@@ -39,38 +37,6 @@ def pick_dtype(dtype: str, device: str) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-class SeededSampler(LogitsProcessor):
-    """Turns greedy decoding into per-row seeded sampling (Gumbel-max trick).
-
-    For a row with temperature T > 0: scores / T, then min-p filtering (keep tokens whose probability
-    is at least min_p times the top token's, as transformers' ``MinPLogitsWarper``), then Gumbel noise
-    from ``step_seed(row seed, step)``. The argmax of the result is a draw from the filtered softmax
-    (Gumbel 1954; Maddison et al. 2014). Rows with T = 0 are left untouched, so they stay greedy.
-    """
-
-    def __init__(self, rows: Sequence[GenRow], min_p: float, prompt_length: int) -> None:
-        self.temperatures = [r.temperature for r in rows]
-        self.seeds = [r.seed for r in rows]
-        self.min_p = min_p
-        self.prompt_length = prompt_length
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        step = input_ids.shape[1] - self.prompt_length
-        out = scores.clone()
-        for row, (temp, seed) in enumerate(zip(self.temperatures, self.seeds, strict=True)):
-            if temp == 0:
-                continue
-            logits = scores[row].float() / temp
-            if self.min_p > 0:
-                probs = torch.softmax(logits, dim=-1)
-                logits = logits.masked_fill(probs < self.min_p * probs.max(), float("-inf"))
-            generator = torch.Generator(device="cpu").manual_seed(step_seed(seed, step))
-            uniform = torch.rand(logits.shape[-1], generator=generator, dtype=torch.float64)
-            gumbel = -torch.log(-torch.log(uniform.clamp(1e-300, 1.0 - 1e-16)))
-            out[row] = (logits.double() + gumbel.to(logits.device)).to(out.dtype)
-        return out
-
-
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
@@ -88,6 +54,8 @@ class HFBackend:
         self._tokenizer = None
         self._loaded: str | None = None  # "adapters" or a checkpoint spec
         self.loads = 0
+        self.oom_backoffs = 0
+        self.batch_size = cfg.batch_size or (256 if self.device.startswith("cuda") else 64)
         self.warned_plain_format = False
 
     # -- loading -------------------------------------------------------------------------------
@@ -122,19 +90,14 @@ class HFBackend:
         self.loads += 1
         return model
 
-    def _load_tokenizer(self, sources: Sequence[str]):
+    def _load_tokenizer(self, source: str):
         from transformers import AutoTokenizer
 
-        last: BaseException | None = None
-        for source in sources:
-            try:
-                tok = AutoTokenizer.from_pretrained(source, trust_remote_code=self.cfg.trust_remote_code)
-                break
-            except Exception as exc:  # no tokenizer files here: try the next source
-                last = exc
-        else:
-            raise ModelLoadError(f"no tokenizer found in {', '.join(sources)} ({_short(last)}); save the "
-                                 f"tokenizer with the adapter or the base model") from None
+        try:
+            tok = AutoTokenizer.from_pretrained(source, trust_remote_code=self.cfg.trust_remote_code)
+        except Exception as exc:
+            raise ModelLoadError(f"no usable tokenizer in {source} ({_short(exc)}); save the tokenizer with the "
+                                 f"adapter or the base model") from None
         tok.padding_side = "left"
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
@@ -168,10 +131,10 @@ class HFBackend:
                                      f"({_short(exc)}); pass the right --base-model") from None
         model.eval()
         self._model = model
-        self._tokenizer = self._load_tokenizer([c.path for c in self.plan.candidates[:1]] + [self.plan.base])
+        self._tokenizer = self._load_tokenizer(tokenizer_source(self.plan, "candidate:0"))
         self._loaded = "adapters"
 
-    def _ensure_checkpoint(self, ckpt: Checkpoint, label: str) -> None:
+    def _ensure_checkpoint(self, ckpt: Checkpoint, label: str, variant: str) -> None:
         if self._loaded == ckpt.spec:
             return
         self._unload()
@@ -184,10 +147,9 @@ class HFBackend:
             except Exception as exc:
                 raise ModelLoadError(f"{label} {ckpt.spec}: the adapter does not fit base {ckpt.base} "
                                      f"({_short(exc)}); pass the right --base-model") from None
-            self._tokenizer = self._load_tokenizer([ckpt.path, ckpt.base])
         else:
             self._model = self._load_full(ckpt.path, label, ckpt.pickle_weights)
-            self._tokenizer = self._load_tokenizer([ckpt.path])
+        self._tokenizer = self._load_tokenizer(tokenizer_source(self.plan, variant))
         self._loaded = ckpt.spec
 
     @contextmanager
@@ -203,10 +165,10 @@ class HFBackend:
             yield
             return
         if variant == "reference":
-            self._ensure_checkpoint(self.plan.reference, "--reference")
+            self._ensure_checkpoint(self.plan.reference, "--reference", variant)
         else:
             index = int(variant.split(":")[1])
-            self._ensure_checkpoint(self.plan.candidates[index], "--model")
+            self._ensure_checkpoint(self.plan.candidates[index], "--model", variant)
         yield
 
     # -- generation ----------------------------------------------------------------------------
@@ -222,39 +184,87 @@ class HFBackend:
             self.warned_plain_format = True
         return tok(PLAIN_FORMAT.format(prompt=prompt))["input_ids"]
 
-    def _generate_batch(self, encoded: list[list[int]], rows: list[GenRow]) -> list[str]:
-        from transformers import GenerationConfig, LogitsProcessorList
+    def _eos_ids(self) -> list[int]:
+        ids = {self._tokenizer.eos_token_id}
+        configured = getattr(getattr(self._model, "generation_config", None), "eos_token_id", None)
+        ids.update(configured if isinstance(configured, list) else [configured])
+        return sorted(i for i in ids if i is not None)
 
-        tok = self._tokenizer
-        width = max(len(ids) for ids in encoded)
-        pad = tok.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=self.device)
-        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded],
-                                 device=self.device)
-        gen_cfg = GenerationConfig(max_new_tokens=self.cfg.max_new_tokens, do_sample=False, num_beams=1,
-                                   pad_token_id=pad, eos_token_id=tok.eos_token_id)
-        sampler = SeededSampler(rows, self.cfg.min_p, width)
-        with torch.inference_mode():
-            output = self._model.generate(input_ids=input_ids, attention_mask=attention, generation_config=gen_cfg,
-                                          logits_processor=LogitsProcessorList([sampler]))
-        return tok.batch_decode(output[:, width:], skip_special_tokens=True)
+    def generate(self, variant: str, rows: Sequence[GenRow], on_batch: BatchCallback) -> None:
+        """Generate ``rows`` and hand each finished batch to ``on_batch(indices, texts, new_tokens)``.
 
-    def generate(self, variant: str, rows: Sequence[GenRow]) -> list[str]:
-        """Answers for ``rows`` in order, generated in batches of similar prompt length."""
+        The samples of one prompt share its prefill; prompts go longest first; a batch that runs out of
+        memory is halved and retried, and batches already handed over are never redone.
+        """
         if not rows:
-            return []
-        results: list[str | None] = [None] * len(rows)
+            return
         with self._variant(variant):
-            encoded = [self._encode(r.prompt) for r in rows]
-            order = sorted(range(len(rows)), key=lambda i: -len(encoded[i]))
-            size = self.cfg.batch_size
-            for start in range(0, len(order), size):
-                chunk = order[start:start + size]
-                texts = self._generate_batch([encoded[i] for i in chunk], [rows[i] for i in chunk])
-                for i, text in zip(chunk, texts, strict=True):
-                    results[i] = text
-        return [r if r is not None else "" for r in results]
+            encoded: dict[str, list[int]] = {}
+            groups: dict[str, list[int]] = {}
+            for index, row in enumerate(rows):
+                if row.prompt not in encoded:
+                    encoded[row.prompt] = self._encode(row.prompt)
+                groups.setdefault(row.prompt, []).append(index)
+            pending = sorted(groups.items(), key=lambda item: -len(encoded[item[0]]))
+            eos_ids, pad = self._eos_ids(), self._tokenizer.pad_token_id
+            while pending:
+                batch, pending = _take_batch(pending, self.batch_size)
+                prompt_ids = [encoded[prompt] for prompt, _ in batch]
+                row_prompt = [p for p, (_, indices) in enumerate(batch) for _ in indices]
+                indices = [i for _, group in batch for i in group]
+                try:
+                    tokens = decode(self._model, prompt_ids, row_prompt, [rows[i].temperature for i in indices],
+                                    [rows[i].seed for i in indices], max_new_tokens=self.cfg.max_new_tokens,
+                                    eos_ids=eos_ids, pad_id=pad, top_p=self.cfg.top_p, min_p=self.cfg.min_p)
+                except Exception as exc:
+                    if not _is_out_of_memory(exc):
+                        raise
+                    self._free_memory()
+                    if len(indices) == 1:
+                        raise ModelLoadError(f"out of memory generating a single answer on {self.device}; use "
+                                             f"--load-in-4bit, a smaller --max-new-tokens or another --device") \
+                            from None
+                    self.batch_size = max(1, len(indices) // 2)
+                    self.oom_backoffs += 1
+                    pending = batch + pending
+                    continue
+                texts = self._tokenizer.batch_decode(tokens, skip_special_tokens=True)
+                on_batch(indices, texts, [len(t) for t in tokens])
+
+    def _free_memory(self) -> None:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def close(self) -> None:
         self._unload()
 
+
+BatchCallback = Callable[[list[int], list[str], list[int]], None]
+
+
+def _take_batch(pending: list[tuple[str, list[int]]], size: int):
+    """Whole prompts (with all their rows) until ``size`` rows; a prompt with more rows is split."""
+    batch: list[tuple[str, list[int]]] = []
+    taken = 0
+    rest = list(pending)
+    while rest and taken < size:
+        prompt, group = rest[0]
+        room = size - taken
+        if len(group) <= room:
+            batch.append(rest.pop(0))
+            taken += len(group)
+        elif not batch:
+            batch.append((prompt, group[:room]))
+            rest[0] = (prompt, group[room:])
+            taken = size
+        else:
+            break
+    return batch, rest
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)

@@ -1,0 +1,56 @@
+"""Progress of long generation and judging: a bar on a terminal, a line every 30 s in CI logs,
+nothing under ``-q``. Output bypasses pytest's capture, since the work runs inside a test item."""
+
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import nullcontext
+from typing import Any
+
+LINE_EVERY_S = 30.0
+
+
+class TerminalProgress:
+    def __init__(self, config: Any, total: int, label: str) -> None:
+        self.total, self.label = total, label
+        self.done = self.tokens = 0
+        self.started = self.last_line = time.monotonic()
+        capman = config.pluginmanager.getplugin("capturemanager")
+        self._uncaptured = capman.global_and_fixture_disabled if capman else nullcontext
+        verbosity = config.get_verbosity()
+        self.mode = "off" if verbosity < 0 else ("bar" if sys.__stderr__.isatty() else "lines")
+        self._bar = None
+        if self.mode == "bar":
+            from tqdm import tqdm
+
+            with self._uncaptured():
+                self._bar = tqdm(total=total, desc=f"sftsafety {label}", unit="req", file=sys.__stderr__,
+                                 dynamic_ncols=True, leave=False)
+
+    def _rate(self) -> str:
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        return f"{self.tokens / elapsed:.0f} tokens/s" if self.tokens else f"{self.done / elapsed:.1f} req/s"
+
+    def update(self, rows: int, tokens: int = 0) -> None:
+        self.done += rows
+        self.tokens += tokens
+        if self.mode == "bar":
+            with self._uncaptured():
+                self._bar.set_postfix_str(self._rate(), refresh=False)
+                self._bar.update(rows)
+        elif self.mode == "lines" and time.monotonic() - self.last_line >= LINE_EVERY_S:
+            self._line()
+
+    def _line(self) -> None:
+        self.last_line = time.monotonic()
+        with self._uncaptured():
+            sys.__stderr__.write(f"sftsafety {self.label}: {self.done}/{self.total} requests, {self._rate()}\n")
+            sys.__stderr__.flush()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            with self._uncaptured():
+                self._bar.close()
+        elif self.mode == "lines" and self.done:
+            self._line()

@@ -1,0 +1,143 @@
+"""The result store: generations and judgments in one SQLite file, keyed by their content.
+
+Core module: stdlib only. WAL mode lets several processes (xdist workers, concurrent runs) read and
+write at once; every batch is committed as soon as it is done, so an interrupted run loses at most
+the batch in flight and the next run continues from here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+from .errors import SftSafetyError
+
+SCHEMA_VERSION = "1"
+BUSY_TIMEOUT_MS = 60_000
+
+
+class StoreError(SftSafetyError):
+    """The store file cannot be used; the message says what to do with it."""
+
+
+def content_key(*parts: object) -> str:
+    """A stable key for a JSON-serialisable description of what was computed."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+class Store:
+    """Generations (key -> response, new-token count) and judgments (key -> score)."""
+
+    def __init__(self, path: str | Path, busy_timeout_s: float = BUSY_TIMEOUT_MS / 1000) -> None:
+        self.path = Path(path)
+        self.busy_timeout_s = busy_timeout_s
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None)
+            self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            with self._transaction():
+                self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+                self._db.execute("CREATE TABLE IF NOT EXISTS generations (key TEXT PRIMARY KEY, "
+                                 "response TEXT NOT NULL, new_tokens INTEGER NOT NULL, created REAL NOT NULL)")
+                self._db.execute("CREATE TABLE IF NOT EXISTS judgments (key TEXT PRIMARY KEY, "
+                                 "score INTEGER NOT NULL, created REAL NOT NULL)")
+                self._db.execute("CREATE TABLE IF NOT EXISTS file_hashes (path TEXT, size INTEGER, mtime_ns INTEGER, "
+                                 "sha256 TEXT NOT NULL, PRIMARY KEY (path, size, mtime_ns))")
+                self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+            version = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            raise self._explain(exc) from None
+        except OSError as exc:
+            raise StoreError(f"cannot create the result store {self.path}: {exc.strerror or exc}; pass "
+                             f"--sftsafety-store PATH on a writable disk") from None
+        if version != SCHEMA_VERSION:
+            raise StoreError(f"result store {self.path} has format {version}, this version reads {SCHEMA_VERSION}; "
+                             f"move the file away or pass --sftsafety-store NEW_PATH")
+
+    def _explain(self, exc: sqlite3.DatabaseError) -> StoreError:
+        text = str(exc)
+        if "locked" in text or "busy" in text:
+            return StoreError(f"result store {self.path} stayed locked by another process for "
+                              f"{self.busy_timeout_s:g} s; wait for it to finish or pass --sftsafety-store NEW_PATH")
+        if "full" in text or "disk" in text:
+            return StoreError(f"result store {self.path}: the disk is full ({text}); free space or pass "
+                              f"--sftsafety-store PATH on another disk (stored results so far are kept)")
+        return StoreError(f"result store {self.path} is damaged or not a result store ({text}); move it away "
+                          f"(it may still hold results) and run again, or pass --sftsafety-store NEW_PATH")
+
+    def _transaction(self):
+        db = self._db
+
+        class _Tx:
+            def __enter__(self):
+                db.execute("BEGIN IMMEDIATE")
+
+            def __exit__(self, kind, value, tb):
+                db.execute("COMMIT" if kind is None else "ROLLBACK")
+                return False
+
+        return _Tx()
+
+    def _get(self, table: str, column: str, keys: Sequence[str]) -> dict[str, tuple]:
+        found: dict[str, tuple] = {}
+        try:
+            for start in range(0, len(keys), 500):
+                chunk = list(keys[start:start + 500])
+                marks = ",".join("?" * len(chunk))
+                for row in self._db.execute(f"SELECT key, {column} FROM {table} WHERE key IN ({marks})", chunk):
+                    found[row[0]] = tuple(row[1:])
+        except sqlite3.DatabaseError as exc:
+            raise self._explain(exc) from None
+        return found
+
+    def _put(self, sql: str, rows: Iterable[tuple]) -> None:
+        try:
+            with self._transaction():
+                self._db.executemany(sql, rows)
+        except sqlite3.DatabaseError as exc:
+            raise self._explain(exc) from None
+
+    def get_generations(self, keys: Sequence[str]) -> dict[str, tuple[str, int]]:
+        return self._get("generations", "response, new_tokens", keys)  # type: ignore[return-value]
+
+    def put_generations(self, rows: Mapping[str, tuple[str, int]]) -> None:
+        now = time.time()
+        self._put("INSERT OR REPLACE INTO generations VALUES (?, ?, ?, ?)",
+                  [(key, text, tokens, now) for key, (text, tokens) in rows.items()])
+
+    def get_judgments(self, keys: Sequence[str]) -> dict[str, int]:
+        return {key: value[0] for key, value in self._get("judgments", "score", keys).items()}
+
+    def put_judgments(self, rows: Mapping[str, int]) -> None:
+        now = time.time()
+        self._put("INSERT OR REPLACE INTO judgments VALUES (?, ?, ?)",
+                  [(key, int(score), now) for key, score in rows.items()])
+
+    def file_hashes(self) -> dict[tuple[str, int, int], str]:
+        """Known weight-file hashes, so a warm run does not read gigabytes of weights again."""
+        try:
+            return {(p, size, mtime): digest for p, size, mtime, digest in
+                    self._db.execute("SELECT path, size, mtime_ns, sha256 FROM file_hashes")}
+        except sqlite3.DatabaseError as exc:
+            raise self._explain(exc) from None
+
+    def put_file_hashes(self, hashes: Mapping[tuple[str, int, int], str]) -> None:
+        self._put("INSERT OR REPLACE INTO file_hashes VALUES (?, ?, ?, ?)",
+                  [(*key, digest) for key, digest in hashes.items()])
+
+    def counts(self) -> dict[str, int]:
+        return {table: self._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+                for table in ("generations", "judgments")}
+
+    def close(self) -> None:
+        self._db.close()

@@ -1,0 +1,89 @@
+"""The store in whole runs: a warm run loads no model, a killed run resumes to the same report."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+ARGS = ["--max-new-tokens", "24", "--seeds", "2", "-p", "no:cacheprovider", "-q"]
+HEAVY_MODULES = """
+import sys
+
+def pytest_sessionfinish(session):
+    heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "peft"))
+    open("heavy_modules.txt", "w").write("\\n".join(heavy))
+"""
+
+
+def entries(path):
+    return [{k: e[k] for k in ("id", "reference", "candidates", "verdict")}
+            for e in json.loads(path.read_text())["entries"]]
+
+
+def pytest_cmd(toy_models, *extra):
+    return [sys.executable, "-m", "pytest", "--model", str(toy_models.answer_all), "--sftsafety-data",
+            str(toy_models.data_202503), *ARGS, *extra]
+
+
+def test_warm_run_loads_no_model_and_imports_no_torch(pytester, toy_models):
+    store = str(pytester.path / "store.sqlite")
+    cold = pytester.runpytest("--model", str(toy_models.answer_all), "--sftsafety-data", str(toy_models.data_202503),
+                              *ARGS, "--sftsafety-store", store, "--sftsafety-json", "cold.json")
+    assert cold.ret == pytest.ExitCode.TESTS_FAILED
+    pytester.makeconftest(HEAVY_MODULES)
+    warm = subprocess.run(pytest_cmd(toy_models, "--sftsafety-store", store, "--sftsafety-json", "warm.json"),
+                          cwd=pytester.path, capture_output=True, text=True, timeout=300)
+    assert warm.returncode == 1, warm.stderr
+    assert (pytester.path / "heavy_modules.txt").read_text() == ""
+    run = json.loads((pytester.path / "warm.json").read_text())["run"]
+    assert (run["generated"], run["judged"], run["model_loads"]) == (0, 0, 0)
+    assert run["from_store"] == run["generations"] == 440 * 3 * 2
+    assert entries(pytester.path / "warm.json") == entries(pytester.path / "cold.json")
+
+    fresh = pytester.runpytest("--model", str(toy_models.answer_all), "--sftsafety-data",
+                               str(toy_models.data_202503), *ARGS, "--sftsafety-store", store, "--sftsafety-fresh",
+                               "--sftsafety-json", "fresh.json")
+    assert fresh.ret == pytest.ExitCode.TESTS_FAILED
+    assert json.loads((pytester.path / "fresh.json").read_text())["run"]["generated"] == 440 * 3 * 2
+
+
+def stored_generations(path) -> int:
+    try:
+        with sqlite3.connect(path, timeout=5) as db:
+            return db.execute("SELECT COUNT(*) FROM generations").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def test_killed_run_resumes_from_the_store_to_the_same_report(pytester, toy_models):
+    store = pytester.path / "store.sqlite"
+    proc = subprocess.Popen(pytest_cmd(toy_models, "--sftsafety-store", str(store), "--batch-size", "8"),
+                            cwd=pytester.path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 240
+    while stored_generations(store) < 400 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    kept = stored_generations(store)
+    assert 400 <= kept < 440 * 3 * 2 * 2, "the run was not killed mid-generation"
+
+    resumed = pytester.runpytest("--model", str(toy_models.answer_all), "--sftsafety-data",
+                                 str(toy_models.data_202503), *ARGS, "--sftsafety-store", str(store),
+                                 "--sftsafety-json", "resumed.json")
+    assert resumed.ret == pytest.ExitCode.TESTS_FAILED
+    run = json.loads((pytester.path / "resumed.json").read_text())["run"]
+    assert run["from_store"] >= kept and run["generated"] == run["generations"] - run["from_store"]
+
+    whole = pytester.runpytest("--model", str(toy_models.answer_all), "--sftsafety-data",
+                               str(toy_models.data_202503), *ARGS, "--sftsafety-store",
+                               str(pytester.path / "other.sqlite"), "--sftsafety-json", "whole.json")
+    assert whole.ret == pytest.ExitCode.TESTS_FAILED
+    assert entries(pytester.path / "resumed.json") == entries(pytester.path / "whole.json")
