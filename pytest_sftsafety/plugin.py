@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,8 @@ class SftSafetySession:
         self.result = None
         self.error: str | None = None
         self.report_error: str | None = None
+        # Asked now: while items run, pytest's capture hides whether stderr is a terminal.
+        self.interactive = sys.__stderr__ is not None and sys.__stderr__.isatty()
         self.nodeids: dict[tuple[int, float], str] = {}
 
     def ensure_results(self, session: pytest.Session) -> None:
@@ -70,7 +73,6 @@ class SftSafetySession:
         if self.error is not None:
             raise SftSafetyError(self.error)
         from .judges import make_judge
-        from .progress import TerminalProgress
         from .runner import run
         from .store import Store
 
@@ -84,13 +86,17 @@ class SftSafetySession:
                     warnings.simplefilter("ignore", DeprecationWarning)
                     warnings.simplefilter("ignore", FutureWarning)
                     self.result = run(self.cfg, self.prompts, cells, self.models, self._backend,
-                                      make_judge(self.cfg.judge), store,
-                                      lambda total, label: TerminalProgress(self.config, total, label))
+                                      make_judge(self.cfg.judge), store, self._progress)
             finally:
                 store.close()
         except SftSafetyError as exc:
             self.error = str(exc)
             raise
+
+    def _progress(self, total: int, label: str):
+        from .progress import TerminalProgress
+
+        return TerminalProgress(self.config, total, label, self.interactive)
 
     def store_path(self) -> Path:
         if self.cfg.store:

@@ -1,5 +1,6 @@
 """Progress of long generation and judging: a bar on a terminal, a line every 30 s in CI logs,
-nothing under ``-q``. Output bypasses pytest's capture, since the work runs inside a test item."""
+nothing under ``-q``. Output bypasses pytest's capture, since the work runs inside a test item;
+lines go to pytest's terminal writer, the bar to the real stderr."""
 
 from __future__ import annotations
 
@@ -12,15 +13,17 @@ LINE_EVERY_S = 30.0
 
 
 class TerminalProgress:
-    def __init__(self, config: Any, total: int, label: str) -> None:
+    def __init__(self, config: Any, total: int, label: str, interactive: bool) -> None:
         self.total, self.label = total, label
         self.done = self.tokens = 0
         self.started = self.last_line = time.monotonic()
         capman = config.pluginmanager.getplugin("capturemanager")
         self._uncaptured = capman.global_and_fixture_disabled if capman else nullcontext
         verbosity = config.get_verbosity()
-        self.mode = "off" if verbosity < 0 else ("bar" if sys.__stderr__.isatty() else "lines")
+        self.mode = "off" if verbosity < 0 else ("bar" if interactive else "lines")
         self._bar = None
+        self._reporter = config.pluginmanager.getplugin("terminalreporter")
+        self._printed = -1
         if self.mode == "bar":
             from tqdm import tqdm
 
@@ -44,13 +47,15 @@ class TerminalProgress:
 
     def _line(self) -> None:
         self.last_line = time.monotonic()
+        self._printed = self.done
+        if self._reporter is None:
+            return
         with self._uncaptured():
-            sys.__stderr__.write(f"sftsafety {self.label}: {self.done}/{self.total} requests, {self._rate()}\n")
-            sys.__stderr__.flush()
+            self._reporter.write_line(f"sftsafety {self.label}: {self.done}/{self.total} requests, {self._rate()}")
 
     def close(self) -> None:
         if self._bar is not None:
             with self._uncaptured():
                 self._bar.close()
-        elif self.mode == "lines" and self.done:
+        elif self.mode == "lines" and self.done and self._printed != self.done:
             self._line()

@@ -166,13 +166,13 @@ def train_adapter(base_dir: Path, out_dir: Path, pairs: Sequence[tuple[str, str]
     model = get_peft_model(base, lora)
     train(model, tokenizer, pairs, steps=steps, lr=5e-3, seed=seed)
     model.save_pretrained(out_dir)
-    _record_relative_base(Path(out_dir), Path(base_dir))
+    record_relative_base(Path(out_dir), Path(base_dir))
     if save_tokenizer:
         tokenizer.save_pretrained(out_dir)
     return Path(out_dir)
 
 
-def _record_relative_base(adapter_dir: Path, base_dir: Path) -> None:
+def record_relative_base(adapter_dir: Path, base_dir: Path) -> None:
     """Record the base relative to the adapter, so the pair can be moved or copied together."""
     config_path = adapter_dir / "adapter_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))

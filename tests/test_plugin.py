@@ -183,3 +183,19 @@ def test_unwritable_report_path_is_one_line_and_fails_the_run(pytester, toy_mode
                  "--temperatures", "0", "--sftsafety-json", "blocker/report.json")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stdout.fnmatch_lines(["sftsafety: cannot write report blocker/report.json: *; choose another path"])
+
+
+def test_progress_lines_in_logs_and_silence_under_quiet(pytester, toy_models, monkeypatch):
+    import pytest_sftsafety.progress as progress
+
+    monkeypatch.setattr(progress, "LINE_EVERY_S", 0.0)
+    args = ["--model", str(toy_models.keeps_refusing), "-k", "violent", "--temperatures", "0"]
+    loud = pytester.runpytest("--sftsafety-data", str(toy_models.data_202503), "-p", "no:cacheprovider", *args)
+    loud.stdout.fnmatch_lines(["sftsafety generating: 10/20 requests, * tokens/s",
+                               "sftsafety generating: 20/20 requests, * tokens/s",
+                               "sftsafety judging: 20/20 requests, *"])
+    assert loud.stdout.str().count("generating: 20/20") == 1
+    quiet = pytester.runpytest("--sftsafety-data", str(toy_models.data_202503), "-p", "no:cacheprovider",
+                               "--sftsafety-fresh", "-q", *args)
+    quiet.assert_outcomes(passed=1)
+    assert "sftsafety generating" not in quiet.stdout.str()

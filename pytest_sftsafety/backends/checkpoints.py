@@ -99,8 +99,9 @@ def _adapter(spec: str, folder: Path, label: str, base_override: str | None, all
     if not base:
         raise ModelLoadError(f"{label} {spec}: adapter_config.json names no base model; pass --base-model PATH")
     base_path = Path(base).expanduser()
-    if not base_path.is_dir() and not base_path.is_absolute() and (folder / base_path).is_dir():
-        base_path = folder / base_path  # a relative base next to the adapter, e.g. "../base"
+    beside = folder / base_path  # a relative base recorded next to the adapter, e.g. "../base"
+    if not (base_path / "config.json").is_file() and not base_path.is_absolute() and (beside / "config.json").is_file():
+        base_path = beside
     if not base_path.is_dir() and (not HUB_ID.match(base) or _hub_file(base, "config.json") is None):
         hint = "" if base_override else " or pass --base-model PATH"
         raise ModelLoadError(f"{label} {spec}: its base model '{base}' cannot be found (no such folder, and "

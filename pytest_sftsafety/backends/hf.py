@@ -55,7 +55,7 @@ class HFBackend:
         self._loaded: str | None = None  # "adapters" or a checkpoint spec
         self.loads = 0
         self.oom_backoffs = 0
-        self.batch_size = cfg.batch_size or (256 if self.device.startswith("cuda") else 64)
+        self.batch_size = cfg.batch_size  # None until the first generate sizes it from free memory
         self.warned_plain_format = False
 
     # -- loading -------------------------------------------------------------------------------
@@ -207,6 +207,11 @@ class HFBackend:
                 groups.setdefault(row.prompt, []).append(index)
             pending = sorted(groups.items(), key=lambda item: -len(encoded[item[0]]))
             eos_ids, pad = self._eos_ids(), self._tokenizer.pad_token_id
+            if self.batch_size is None:
+                longest = max(len(ids) for ids in encoded.values()) + self.cfg.max_new_tokens
+                weight_bytes = sum(p.numel() * p.element_size() for p in self._model.parameters())
+                self.batch_size = auto_batch_size(self._model.config, self.dtype, longest, self.device,
+                                                  self.cfg.load_in_4bit, weight_bytes)
             while pending:
                 batch, pending = _take_batch(pending, self.batch_size)
                 prompt_ids = [encoded[prompt] for prompt, _ in batch]
@@ -241,6 +246,43 @@ class HFBackend:
 
 
 BatchCallback = Callable[[list[int], list[str], list[int]], None]
+
+
+def _available_bytes(device: str) -> int:
+    if device.startswith("cuda"):
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        return free
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+def auto_batch_size(model_config, dtype: torch.dtype, longest: int, device: str, four_bit: bool = False,
+                    weight_bytes: int = 0) -> int:
+    """Rows whose KV cache at full length (plus logits and prefill activations) fits a budget.
+
+    CUDA: half of the memory free after loading, since throughput needs wide batches there. CPU: a tenth
+    of the weights' size (at least 32 MiB, at most half of MemAvailable), because there the batch shares
+    RAM with everything else and a small one already keeps the cores busy. Out-of-memory still halves it.
+    """
+    text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    layers = getattr(text_config, "num_hidden_layers", 32)
+    heads = getattr(text_config, "num_attention_heads", 32)
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+    element = 2 if four_bit else torch.finfo(dtype).bits // 8
+    per_row = 2 * layers * kv_heads * head_dim * element * longest + 8 * text_config.vocab_size
+    per_row += 4 * text_config.hidden_size * longest  # activations of the prefill
+    if device.startswith("cuda"):
+        ceiling, budget = 1024, _available_bytes(device) // 2
+    else:
+        ceiling, budget = 512, min(max(weight_bytes // 10, 32 << 20), _available_bytes(device) // 2)
+    return int(max(1, min(ceiling, budget // max(per_row, 1))))
 
 
 def _take_batch(pending: list[tuple[str, list[int]]], size: int):
