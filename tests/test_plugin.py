@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-FAST = ["--max-new-tokens", "24", "--seeds", "2", "-p", "no:cacheprovider"]
+FAST = ["--max-new-tokens", "24", "--seeds", "2", "-p", "no:cacheprovider", "--sftsafety-store", "store.sqlite"]
 
 
 def failed_ids(result: pytest.RunResult) -> set[str]:
@@ -190,12 +190,22 @@ def test_progress_lines_in_logs_and_silence_under_quiet(pytester, toy_models, mo
 
     monkeypatch.setattr(progress, "LINE_EVERY_S", 0.0)
     args = ["--model", str(toy_models.keeps_refusing), "-k", "violent", "--temperatures", "0"]
-    loud = pytester.runpytest("--sftsafety-data", str(toy_models.data_202503), "-p", "no:cacheprovider", *args)
+    loud = pytester.runpytest("--sftsafety-data", str(toy_models.data_202503), "-p", "no:cacheprovider",
+                              "--sftsafety-store", "store.sqlite", *args)
     loud.stdout.fnmatch_lines(["sftsafety generating: 10/20 requests, * tokens/s",
                                "sftsafety generating: 20/20 requests, * tokens/s",
                                "sftsafety judging: 20/20 requests, *"])
     assert loud.stdout.str().count("generating: 20/20") == 1
     quiet = pytester.runpytest("--sftsafety-data", str(toy_models.data_202503), "-p", "no:cacheprovider",
-                               "--sftsafety-fresh", "-q", *args)
+                               "--sftsafety-store", "store.sqlite", "--sftsafety-fresh", "-q", *args)
     quiet.assert_outcomes(passed=1)
     assert "sftsafety generating" not in quiet.stdout.str()
+
+
+def test_default_store_lives_in_the_pytest_cache(pytester, toy_models):
+    result = pytester.runpytest("--sftsafety-data", str(toy_models.data_202503), "--model",
+                                str(toy_models.keeps_refusing), "-k", "violent", "--temperatures", "0",
+                                "--sftsafety-json", "r.json")
+    result.assert_outcomes(passed=1)
+    store = json.loads((pytester.path / "r.json").read_text())["run"]["store"]
+    assert store.endswith(".pytest_cache/d/sftsafety/store.sqlite")
