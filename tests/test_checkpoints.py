@@ -74,3 +74,19 @@ def test_base_override_and_pickle_permission(toy_models, tmp_path):
     pickled = copy(toy_models.answer_all, tmp_path / "pickled")
     (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
     assert plan(pickled, allow_pickle=True).candidates[0].pickle_weights
+
+
+def test_fingerprints_follow_weights_and_tokenizer(toy_models, tmp_path):
+    from pytest_sftsafety.backends.checkpoints import variant_fingerprint
+
+    two = plan(toy_models.answer_all, toy_models.keeps_refusing)
+    prints = {v: variant_fingerprint(two, v) for v in ("candidate:0", "candidate:1", "reference")}
+    assert len(set(prints.values())) == 3
+    assert variant_fingerprint(plan(toy_models.keeps_refusing), "reference") == prints["reference"]
+    changed = copy(toy_models.answer_all, tmp_path / "changed")
+    weights = changed / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    assert variant_fingerprint(plan(changed), "candidate:0") != prints["candidate:0"]
+    assert variant_fingerprint(plan(changed), "reference") == prints["reference"]

@@ -185,7 +185,9 @@ def source_fingerprint(source: str, cache: dict | None = None) -> str:
     """What a model folder holds (every file's name and sha256), or a hub id with its cached revision."""
     folder = Path(source)
     if not folder.is_dir():
-        return f"hub:{source}"
+        config = _hub_file(source, "config.json")  # from the local cache when offline
+        revision = config.parent.name if config is not None and config.parent.parent.name == "snapshots" else "?"
+        return f"hub:{source}@{revision}"
     parts = []
     for path in sorted(folder.iterdir()):
         if path.is_file() and not path.name.startswith(".") and path.suffix.lower() not in (".md", ".txt"):
