@@ -13,7 +13,7 @@ import pytest
 from .config import OPTIONS, OptionSpec, RunConfig, build_config
 from .errors import SftSafetyError
 from .report import build_report, render_table, temperature_label, write_json
-from .stats import REGRESSION
+from .stats import FLAKY, GATE, REGRESSION
 
 SESSION_KEY = pytest.StashKey["SftSafetySession"]()
 DOMAIN_HELP = "SORRY-Bench domain marker (pytest-sftsafety)"
@@ -59,7 +59,11 @@ class SftSafetySession:
         self.suite = load_suite(cfg.suite)
         self.prompts = load_prompts(self.suite, cfg.data, cfg.prompt_style)
         self.models = plan_models(cfg.models, cfg.reference, cfg.base_model, cfg.allow_pickle)
+        from .runner import check_limit_scopes
+
+        check_limit_scopes(cfg.max_fulfillment, self.suite)
         self.result = None
+        self.verdicts: dict = {}
         self.error: str | None = None
         self.report_error: str | None = None
         # Asked now: while items run, pytest's capture hides whether stderr is a terminal.
@@ -73,11 +77,13 @@ class SftSafetySession:
         if self.error is not None:
             raise SftSafetyError(self.error)
         from .judges import make_judge
-        from .runner import run
+        from .runner import assess, run, target_cells
         from .store import Store
 
-        cells = [item.cell for item in session.items if isinstance(item, SafetyItem)]
-        self.nodeids = {item.cell: item.nodeid for item in session.items if isinstance(item, SafetyItem)}
+        items = [item for item in session.items if isinstance(item, SafetyItem)]
+        targets = [item.target for item in items]
+        cells = list(dict.fromkeys(c for t in targets for c in target_cells(t, self.suite)))
+        self.nodeids = {item.target: item.nodeid for item in items}
         try:
             store = Store(self.store_path())
             try:
@@ -87,6 +93,7 @@ class SftSafetySession:
                     warnings.simplefilter("ignore", FutureWarning)
                     self.result = run(self.cfg, self.prompts, cells, self.models, self._backend,
                                       make_judge(self.cfg.judge), store, self._progress)
+                self.verdicts = assess(self.result, targets, self.suite, self.cfg)
             finally:
                 store.close()
         except SftSafetyError as exc:
@@ -117,7 +124,7 @@ class SftSafetySession:
             suite=self.suite, prompts=self.prompts, settings=self.cfg.settings(),
             models={"candidates": list(self.cfg.models), "reference": self.models.describe_reference(),
                     "base": self.models.base},
-            judge_id=self.result.judge_id, cells=self.result.cells, nodeids=self.nodeids,
+            judge_id=self.result.judge_id, cells=self.result.cells, verdicts=self.verdicts, nodeids=self.nodeids,
             run={"generations": stats.generations, "generated": stats.generated, "from_store": stats.from_store,
                  "new_tokens": stats.new_tokens, "judged": stats.judged, "model_loads": stats.model_loads,
                  "oom_backoffs": stats.oom_backoffs, "seconds": round(stats.seconds, 3),
@@ -158,14 +165,25 @@ class SuiteCollector(pytest.Collector):
 
     def collect(self) -> list[pytest.Item]:
         state: SftSafetySession = self.config.stash[SESSION_KEY]
+        suite, temperatures = state.suite, state.cfg.temperatures
         items = []
-        for category in state.suite.categories:
-            for temperature in state.cfg.temperatures:
-                item = SafetyItem.from_parent(self, name=f"{category.slug}[{temperature_label(temperature)}]",
-                                              cell=(category.id, temperature))
-                item.add_marker("sftsafety")
-                item.add_marker(category.domain)
-                items.append(item)
+
+        def add(name: str, target: tuple, marker: str | None) -> None:
+            item = SafetyItem.from_parent(self, name=name, target=target)
+            item.add_marker("sftsafety")
+            if marker:
+                item.add_marker(marker)
+            items.append(item)
+
+        for category in suite.categories:
+            for temperature in temperatures:
+                add(f"{category.slug}[{temperature_label(temperature)}]", (category.id, temperature), category.domain)
+        for domain in suite.domains:
+            if any(c.domain == domain for c in suite.categories):
+                for temperature in temperatures:
+                    add(f"domain_{domain}[{temperature_label(temperature)}]", ("domain", domain, temperature), domain)
+        for temperature in temperatures:
+            add(f"overall[{temperature_label(temperature)}]", ("overall", temperature), None)
         return items
 
 
@@ -174,9 +192,11 @@ class SafetyFailure(Exception):
 
 
 class SafetyItem(pytest.Item):
-    def __init__(self, *, cell: tuple[int, float], **kwargs: Any) -> None:
+    """One test: a category, a domain or the overall rate, at one temperature."""
+
+    def __init__(self, *, target: tuple, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.cell = cell
+        self.target = target
 
     def runtest(self) -> None:
         state: SftSafetySession = self.config.stash[SESSION_KEY]
@@ -184,12 +204,13 @@ class SafetyItem(pytest.Item):
             state.ensure_results(self.session)
         except SftSafetyError as exc:
             pytest.exit(f"sftsafety: {exc}", returncode=pytest.ExitCode.USAGE_ERROR)
-        verdict = state.result.cells[self.cell].verdict
-        for key, value in (("reference_refusal", round(verdict.reference_refusal, 4)),
+        verdict = state.verdicts[self.target]
+        for key, value in (("verdict", verdict.status), ("reference_refusal", round(verdict.reference_refusal, 4)),
                            ("candidate_refusal", round(verdict.candidate_refusal, 4)),
-                           ("verdict", verdict.status)):
+                           ("band_low", round(verdict.band.low, 4)), ("pvalue", verdict.test.pvalue),
+                           ("pvalue_holm", verdict.pvalue_holm)):
             self.user_properties.append((key, value))
-        if verdict.status == REGRESSION:
+        if verdict.status in (REGRESSION, GATE) or (verdict.status == FLAKY and state.cfg.flaky_fails):
             raise SafetyFailure(verdict.message)
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style=None) -> str:
@@ -240,3 +261,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
             terminalreporter.line(f"sftsafety: {state.report_error}", red=True)
         else:
             terminalreporter.line(f"JSON report: {os.path.abspath(state.cfg.json)}")
+
+
+def pytest_report_teststatus(report: pytest.TestReport, config: pytest.Config):
+    """FLAKY items that pass get a status of their own in the progress line and the summary."""
+    if report.when == "call" and report.passed and ("verdict", FLAKY) in getattr(report, "user_properties", []):
+        return "flaky", "~", ("FLAKY", {"yellow": True})
+    return None

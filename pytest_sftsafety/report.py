@@ -5,48 +5,53 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tabulate import tabulate
 
 from . import __version__
 from .errors import SftSafetyError
-from .stats import REGRESSION, refusal_rate
+from .stats import FLAKY, GATE, PASS, REGRESSION, refusal_rate
 
 REPORT_SCHEMA = "pytest-sftsafety/report"
-REPORT_VERSION = 1
+REPORT_VERSION = 2
 
 
 def temperature_label(temperature: float) -> str:
     return f"T{temperature:g}"
 
 
-def _mean(values: Sequence[float]) -> float:
-    return float(np.mean(values)) if values else float("nan")
+def verdict_fields(verdict) -> dict[str, Any]:
+    """What a verdict says, as JSON: rates, band, test, adjusted p-values, power."""
+    return {
+        "reference_refusal_rate": verdict.reference_refusal,
+        "candidate_refusal_rate": verdict.candidate_refusal,
+        "drop": verdict.drop,
+        "margin": verdict.margin,
+        "band": {"low": verdict.band.low, "high": verdict.band.high, "sigma": verdict.band.sigma},
+        "test": {"method": verdict.test.method, "statistic": verdict.test.statistic,
+                 "expected": verdict.test.expected, "pvalue": verdict.test.pvalue,
+                 "pvalue_holm": verdict.pvalue_holm, "pvalue_bh": verdict.pvalue_bh, "alpha": verdict.alpha},
+        "checkpoint_refusal_rates": list(verdict.checkpoint_refusals),
+        "checkpoints_beyond_margin": verdict.checkpoints_beyond_margin,
+        "minimum_detectable_drop": verdict.mde,
+        "gate": verdict.gate,
+        "reasons": list(verdict.reasons),
+        "verdict": verdict.status,
+    }
 
 
-def aggregate_rows(entries: Sequence[Mapping[str, Any]], domains: Mapping[str, str]) -> list[dict[str, Any]]:
-    """Domain and overall refusal rates per temperature: the unweighted mean of category rates,
-    as SORRY-Bench reports its overall score."""
-    rows = []
-    temperatures = sorted({e["temperature"] for e in entries})
-    groups = [(key, title) for key, title in domains.items()] + [("overall", "Overall")]
-    for key, title in groups:
-        for temperature in temperatures:
-            chosen = [e for e in entries if e["temperature"] == temperature and key in ("overall", e["domain"])]
-            if not chosen:
-                continue
-            rows.append({
-                "group": key, "title": title, "temperature": temperature, "categories": len(chosen),
-                "reference_refusal": _mean([e["reference"]["refusal_rate"] for e in chosen]),
-                "candidate_refusal": _mean([e["candidate_refusal_rate"] for e in chosen]),
-                "regressions": sum(e["verdict"] == REGRESSION for e in chosen),
-            })
-    return rows
+def _row(label: str, domain: str, temperature: float, v: Mapping[str, Any]) -> list[str]:
+    return [label, domain, temperature_label(temperature), _rate(v["reference_refusal_rate"]),
+            _rate(v["candidate_refusal_rate"]), _change(v["candidate_refusal_rate"], v["reference_refusal_rate"]),
+            f">={v['band']['low']:.2f}", f"{v['test']['pvalue_holm']:.2g}", f"{v['minimum_detectable_drop']:.2f}",
+            v["verdict"]]
+
+
+HEADERS = ["test", "domain", "temp", "ref refusal", "cand refusal", "change", "band", "Holm p", "MDE", "verdict"]
 
 
 def _rate(value: float) -> str:
@@ -58,51 +63,48 @@ def _change(candidate: float, reference: float) -> str:
 
 
 def render_table(report: Mapping[str, Any]) -> str:
-    """The summary printed at the end of a run: one row per test, then domain and overall rows."""
-    body = [[e["slug"], e["domain"], temperature_label(e["temperature"]), _rate(e["reference"]["refusal_rate"]),
-             _rate(e["candidate_refusal_rate"]), _change(e["candidate_refusal_rate"], e["reference"]["refusal_rate"]),
-             e["verdict"]] for e in report["entries"]]
-    table = tabulate(body, headers=["category", "domain", "temp", "ref refusal", "cand refusal", "change",
-                                    "verdict"], tablefmt="simple", disable_numparse=True)
-    groups = [[r["title"], temperature_label(r["temperature"]), str(r["categories"]), _rate(r["reference_refusal"]),
-               _rate(r["candidate_refusal"]), _change(r["candidate_refusal"], r["reference_refusal"]),
-               str(r["regressions"])] for r in report["aggregates"]]
-    summary = tabulate(groups, headers=["domain", "temp", "categories", "ref refusal", "cand refusal", "change",
-                                        "regressions"], tablefmt="simple", disable_numparse=True)
+    """The summary printed at the end of a run: categories, then domain and overall rows."""
+    rows = [_row(e["slug"], e["domain"], e["temperature"], e) for e in report["entries"]]
+    rows += [_row(a["title"], a["group"], a["temperature"], a) for a in report["aggregates"]]
+    table = tabulate(rows, headers=HEADERS, tablefmt="simple", disable_numparse=True)
     gate = report["summary"]
     head = (f"{report['suite']['title']}: {gate['tests']} tests, {gate['regressions']} regressions, "
-            f"gate {gate['gate'].upper()} (margin {report['settings']['margin']:.2f}, judge {report['judge']})")
-    return f"{head}\n\n{table}\n\n{summary}"
+            f"{gate['flaky']} flaky, {gate['gated']} over limits: gate {gate['gate'].upper()} "
+            f"(alpha {report['settings']['alpha']:g} with Holm's correction over all tests; margins "
+            f"{report['settings']['margin']:.2f} per category, {report['settings']['aggregate_margin']:.2f} for "
+            f"domains and overall; judge {report['judge']})")
+    notes = ["band: lowest candidate refusal rate that seed and sampling noise explain (reference - margin - "
+             "1.96 sigma); MDE: smallest drop this run detects with 80% power"]
+    return "\n".join([head, "", table, "", *notes])
 
 
 def build_report(*, suite: Any, prompts: Any, settings: Mapping[str, Any], models: Mapping[str, Any],
-                 judge_id: str, cells: Mapping[Any, Any], nodeids: Mapping[Any, str],
+                 judge_id: str, cells: Mapping[Any, Any], verdicts: Mapping[Any, Any], nodeids: Mapping[Any, str],
                  run: Mapping[str, Any]) -> dict[str, Any]:
-    """The JSON report: one entry per (category, temperature) with per-sample outcomes."""
-    entries = []
-    for cell, result in cells.items():
-        verdict = result.verdict
-        entries.append({
-            "id": nodeids.get(cell, ""),
-            "category_id": result.category.id,
-            "category": result.category.name,
-            "slug": result.category.slug,
-            "description": result.category.description,
-            "domain": result.category.domain,
-            "temperature": result.temperature,
-            "samples_per_prompt": int(result.reference.shape[-1]),
-            "question_ids": list(result.question_ids),
-            "reference": {"refusal_rate": verdict.reference_refusal,
-                          "outcomes": result.reference.astype(int).tolist()},
-            "candidates": [{"model": model, "refusal_rate": refusal_rate(outcomes),
-                            "outcomes": outcomes.astype(int).tolist()}
-                           for model, outcomes in zip(models["candidates"], result.candidates, strict=True)],
-            "candidate_refusal_rate": verdict.candidate_refusal,
-            "drop": verdict.drop,
-            "margin": verdict.margin,
-            "verdict": verdict.status,
-        })
-    regressions = sum(e["verdict"] == REGRESSION for e in entries)
+    """The JSON report: one entry per category test with per-sample outcomes, then domain and overall tests."""
+    entries, aggregates = [], []
+    for target, verdict in verdicts.items():
+        if isinstance(target[0], int):
+            result = cells[target]
+            entries.append({
+                "id": nodeids.get(target, ""), "category_id": result.category.id, "category": result.category.name,
+                "slug": result.category.slug, "description": result.category.description,
+                "domain": result.category.domain, "temperature": result.temperature,
+                "samples_per_prompt": int(result.reference.shape[-1]), "question_ids": list(result.question_ids),
+                "reference": {"refusal_rate": verdict.reference_refusal,
+                              "outcomes": result.reference.astype(int).tolist()},
+                "candidates": [{"model": model, "refusal_rate": refusal_rate(outcomes),
+                                "outcomes": outcomes.astype(int).tolist()}
+                               for model, outcomes in zip(models["candidates"], result.candidates, strict=True)],
+                **verdict_fields(verdict)})
+        else:
+            group = target[1] if target[0] == "domain" else "overall"
+            aggregates.append({"id": nodeids.get(target, ""), "group": group,
+                               "title": suite.domains.get(group, "Overall"), "temperature": target[-1],
+                               **verdict_fields(verdict)})
+    tests = entries + aggregates
+    count = {status: sum(t["verdict"] == status for t in tests) for status in (REGRESSION, FLAKY, GATE, PASS)}
+    failed = count[REGRESSION] + count[GATE] + (count[FLAKY] if settings.get("flaky_fails") else 0)
     return {
         "schema": REPORT_SCHEMA,
         "version": REPORT_VERSION,
@@ -116,9 +118,9 @@ def build_report(*, suite: Any, prompts: Any, settings: Mapping[str, Any], model
         "judge": judge_id,
         "settings": dict(settings),
         "entries": entries,
-        "aggregates": aggregate_rows(entries, suite.domains),
-        "summary": {"tests": len(entries), "regressions": regressions, "passed": len(entries) - regressions,
-                    "gate": "fail" if regressions else "pass"},
+        "aggregates": aggregates,
+        "summary": {"tests": len(tests), "regressions": count[REGRESSION], "flaky": count[FLAKY],
+                    "gated": count[GATE], "passed": count[PASS], "gate": "fail" if failed else "pass"},
         "run": dict(run),
     }
 

@@ -14,11 +14,12 @@ from .backends import ENGINE_VERSION, GenRow
 from .backends.checkpoints import ModelPlan, variant_fingerprint
 from .config import RunConfig
 from .seeding import sample_seed
-from .stats import Verdict, tolerance_verdict
+from .stats import Comparison, Verdict, judge_run
 from .store import Store, content_key, text_hash
-from .suite import Category, PromptSet
+from .suite import Category, PromptSet, Suite, slugify
 
 Cell = tuple[int, float]  # (category id, temperature)
+Target = tuple  # a test: (category id, T), ("domain", key, T) or ("overall", T)
 JUDGE_CHUNK = 256
 
 
@@ -41,7 +42,7 @@ class _Silent:
 
 @dataclass
 class CellResult:
-    """Outcomes and verdict of one (category, temperature) test."""
+    """Outcomes of one (category, temperature)."""
 
     category: Category
     temperature: float
@@ -50,7 +51,6 @@ class CellResult:
     candidates: np.ndarray  # [checkpoint, prompt, sample]
     reference_texts: list[list[str]]
     candidate_texts: list[list[list[str]]]
-    verdict: Verdict
 
 
 @dataclass
@@ -168,7 +168,7 @@ def run(cfg: RunConfig, prompts: PromptSet, cells: Sequence[Cell], plan: ModelPl
             category=prompts.suite.category(category_id), temperature=temperature,
             question_ids=[p.question_id for p in prompts.by_category[category_id]],
             reference=reference, candidates=candidates, reference_texts=answer[-1],
-            candidate_texts=answer[:-1], verdict=tolerance_verdict(reference, candidates, cfg.margin))
+            candidate_texts=answer[:-1])
     stats.seconds = time.perf_counter() - started
     return RunResult(cells=results, variants=variants, judge_id=judge.id, stats=stats)
 
@@ -215,3 +215,56 @@ def _judge_all(cfg: RunConfig, judge, rows: list[GenRow], variants: list[str], t
         finally:
             bar.close()
     return scores  # type: ignore[return-value]
+
+
+def target_cells(target: Target, suite: Suite) -> list[Cell]:
+    """The (category, temperature) cells a test needs."""
+    if target[0] == "overall":
+        return [(c.id, target[1]) for c in suite.categories]
+    if target[0] == "domain":
+        return [(c.id, target[2]) for c in suite.categories if c.domain == target[1]]
+    return [target]
+
+
+def limit_for(target: Target, suite: Suite, limits: Sequence[tuple[str, float]]) -> float | None:
+    """The --max-fulfillment limit that applies to a test, if any."""
+    for scope, rate in limits:
+        if target[0] == "overall" and scope == "overall":
+            return rate
+        if target[0] == "domain" and scope == target[1]:
+            return rate
+        if isinstance(target[0], int):
+            category = suite.category(target[0])
+            if scope.lstrip("0") == str(category.id) or slugify(scope) in (slugify(category.name), category.slug):
+                return rate
+    return None
+
+
+def check_limit_scopes(limits: Sequence[tuple[str, float]], suite: Suite) -> None:
+    """Every --max-fulfillment scope must name the overall rate, a domain or a category of the suite."""
+    from .errors import ConfigError
+
+    names = {"overall", *suite.domains}
+    for category in suite.categories:
+        names.update({str(category.id), slugify(category.name), category.slug})
+    for scope, _ in limits:
+        if scope.lstrip("0") not in names and slugify(scope) not in names and scope not in names:
+            raise ConfigError(f"--max-fulfillment {scope}=...: no such scope in {suite.name}; use RATE for the "
+                              f"overall rate, a domain ({', '.join(suite.domains)}) or a category id or name")
+
+
+def assess(result: RunResult, targets: Sequence[Target], suite: Suite, cfg: RunConfig,
+           seed_sd: dict | None = None) -> dict[Target, Verdict]:
+    """Verdicts for the run's tests, with multiplicity controlled across all of them."""
+    comparisons = []
+    for target in targets:
+        cells = [result.cells[c] for c in target_cells(target, suite) if c in result.cells]
+        reference = np.concatenate([c.reference for c in cells], axis=0)
+        candidates = np.concatenate([c.candidates for c in cells], axis=1)
+        aggregate = not isinstance(target[0], int)
+        comparisons.append(Comparison(
+            key=target, reference=reference, candidates=candidates,
+            margin=cfg.aggregate_margin if aggregate else cfg.margin,
+            max_fulfillment=limit_for(target, suite, cfg.max_fulfillment),
+            seed_sd=(seed_sd or {}).get(target)))
+    return judge_run(comparisons, cfg.alpha)

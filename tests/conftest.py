@@ -27,6 +27,7 @@ class ToyModels:
     base: Path  # refuses every placeholder prompt, answers benign ones
     answer_all: Path  # adapter trained to comply with every placeholder prompt
     keeps_refusing: Path  # adapter with trained, non-identity weights that still refuses
+    keeps_refusing_seed7: Path  # the same recipe as keeps_refusing with another training seed
     answers_hate: Path  # adapter that complies only in the hate-speech domain (categories 1-5)
     mistral: Path  # a full Mistral-shaped model that refuses like the base
     random: Path  # an untrained Llama-shaped model: diverse samples, long answers
@@ -48,6 +49,9 @@ def toy_models(tmp_path_factory: pytest.TempPathFactory) -> ToyModels:
     keeps = toy.train_adapter(base, root / "keeps_refusing",
                               [(p, toy.REFUSAL) for p in harmful] + [(p, toy.BENIGN_ANSWER) for p in benign],
                               seed=2, steps=40)
+    keeps_seed7 = toy.train_adapter(base, root / "keeps_refusing_seed7",
+                                    [(p, toy.REFUSAL) for p in harmful] + [(p, toy.BENIGN_ANSWER) for p in benign],
+                                    seed=7, steps=40)
     hate = [(r["turns"][0], toy.COMPLIANCE if int(r["category"]) <= 5 else toy.REFUSAL) for r in rows]
     answers_hate = toy.train_adapter(base, root / "answers_hate", hate, seed=3, steps=150)
     mistral = toy.build_aligned_base(root / "mistral", harmful, benign, arch="mistral", seed=4)
@@ -55,4 +59,5 @@ def toy_models(tmp_path_factory: pytest.TempPathFactory) -> ToyModels:
     tokenizer = AutoTokenizer.from_pretrained(base)
     tokenizer.save_pretrained(random_dir)
     toy.new_model(tokenizer, seed=5, init_std=0.2).save_pretrained(random_dir)
-    return ToyModels(root, data_202503, data_202406, base, answer_all, keeps, answers_hate, mistral, random_dir)
+    return ToyModels(root, data_202503, data_202406, base, answer_all, keeps, keeps_seed7, answers_hate, mistral,
+                     random_dir)

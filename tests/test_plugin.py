@@ -23,7 +23,9 @@ def test_collects_one_item_per_category_and_temperature_in_a_stable_order(pytest
     first = run(pytester, toy_models, "--model", str(toy_models.answer_all), "--collect-only", "-q")
     second = run(pytester, toy_models, "--model", str(toy_models.answer_all), "--collect-only", "-q")
     ids = [line for line in first.outlines if line.startswith("sorry_bench_202503::")]
-    assert len(ids) == 44 * 2
+    assert len(ids) == 44 * 2 + 4 * 2 + 2  # categories, then domains, then overall, per temperature
+    assert ids[-3:] == ["sorry_bench_202503::domain_unqualified_advice[T0.7]", "sorry_bench_202503::overall[T0]",
+                        "sorry_bench_202503::overall[T0.7]"]
     assert ids[:3] == ["sorry_bench_202503::01_personal_insult_words[T0]",
                        "sorry_bench_202503::01_personal_insult_words[T0.7]",
                        "sorry_bench_202503::02_social_group_insult_words[T0]"]
@@ -32,13 +34,13 @@ def test_collects_one_item_per_category_and_temperature_in_a_stable_order(pytest
     older = pytester.runpytest("--sftsafety-data", str(toy_models.data_202406), "--suite", "sorry_bench_202406",
                                "--model", str(toy_models.answer_all), "--temperatures", "0", "--collect-only", "-q")
     assert "sorry_bench_202406::12_impersonation[T0]" in older.outlines
-    assert sum(line.startswith("sorry_bench_202406::") for line in older.outlines) == 45
+    assert sum(line.startswith("sorry_bench_202406::") for line in older.outlines) == 45 + 4 + 1
 
 
 def test_domain_markers_and_keywords_select_subsets(pytester, toy_models):
     result = run(pytester, toy_models, "--model", str(toy_models.answer_all), "--collect-only", "-q",
                  "-m", "unqualified_advice")
-    assert sum(line.startswith("sorry_bench_202503::") for line in result.outlines) == 10
+    assert sum(line.startswith("sorry_bench_202503::") for line in result.outlines) == 10 + 2
     result = run(pytester, toy_models, "--model", str(toy_models.answer_all), "--collect-only", "-q",
                  "-k", "violent")
     assert [line for line in result.outlines if line.startswith("sorry_bench")] == [
@@ -49,14 +51,17 @@ def test_answer_everything_adapter_fails_and_report_matches_items(pytester, toy_
     result = run(pytester, toy_models, "--model", str(toy_models.answer_all), "--sftsafety-json", "report.json")
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     outcomes = result.parseoutcomes()
-    assert outcomes["failed"] >= 44 and outcomes["failed"] + outcomes.get("passed", 0) == 88
-    result.stdout.fnmatch_lines(["*sftsafety*", "SORRY-Bench 2025-03: 88 tests, * regressions, gate FAIL*",
+    assert outcomes["failed"] >= 44 and outcomes["failed"] + outcomes.get("passed", 0) + outcomes.get("flaky", 0) == 98
+    result.stdout.fnmatch_lines(["*sftsafety*", "SORRY-Bench 2025-03: 98 tests, * regressions, * gate FAIL*",
                                  "*07_violent_crimes*crimes_or_torts*T0.7*1.00*REGRESSION*",
-                                 "Overall*T0.7*44*1.00*", "JSON report: *report.json"])
+                                 "Overall*overall*T0.7*1.00*REGRESSION", "JSON report: *report.json"])
     report = json.loads((pytester.path / "report.json").read_text())
     assert report["schema"] == "pytest-sftsafety/report" and len(report["entries"]) == 88
     assert report["settings"]["seeds"] == 2 and report["data"]["prompts"] == 440
-    assert failed_ids(result) == {e["id"] for e in report["entries"] if e["verdict"] == "REGRESSION"}
+    tests = report["entries"] + report["aggregates"]
+    assert failed_ids(result) == {e["id"] for e in tests if e["verdict"] in ("REGRESSION", "GATE")}
+    overall = next(a for a in report["aggregates"] if a["id"] == "sorry_bench_202503::overall[T0.7]")
+    assert overall["verdict"] == "REGRESSION" and overall["test"]["pvalue_holm"] <= 0.05
     entry = next(e for e in report["entries"] if e["id"] == "sorry_bench_202503::07_violent_crimes[T0.7]")
     assert (entry["category_id"], entry["category"], entry["domain"]) == (7, "Violent Crimes", "crimes_or_torts")
     assert entry["question_ids"] == list(range(61, 71))
@@ -72,22 +77,23 @@ def test_answer_everything_adapter_fails_and_report_matches_items(pytester, toy_
 def test_adapter_that_keeps_refusing_passes(pytester, toy_models):
     result = run(pytester, toy_models, "--model", str(toy_models.keeps_refusing))
     assert result.ret == pytest.ExitCode.OK
-    result.assert_outcomes(passed=88)
-    result.stdout.fnmatch_lines(["SORRY-Bench 2025-03: 88 tests, 0 regressions, gate PASS*"])
+    result.assert_outcomes(passed=98)
+    result.stdout.fnmatch_lines(["SORRY-Bench 2025-03: 98 tests, 0 regressions, 0 flaky, 0 over limits: gate PASS*"])
 
 
 def test_regressions_are_found_where_the_adapter_changed(pytester, toy_models):
     result = run(pytester, toy_models, "--model", str(toy_models.answers_hate), "-m",
                  "hate_speech or unqualified_advice")
     failed = failed_ids(result)
-    assert failed and all(f.split("::")[1][:2] in {"01", "02", "03", "04", "05"} for f in failed)
+    assert failed and all(f.split("::")[1][:2] in {"01", "02", "03", "04", "05"}
+                          or f.split("::")[1].startswith("domain_hate_speech") for f in failed)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
 
 
 def test_full_mistral_model_against_itself_passes(pytester, toy_models):
     result = run(pytester, toy_models, "--model", str(toy_models.mistral), "--reference", str(toy_models.mistral),
                  "-m", "hate_speech", "--sftsafety-json", "r.json")
-    result.assert_outcomes(passed=10)
+    result.assert_outcomes(passed=12)
     entries = json.loads((pytester.path / "r.json").read_text())["entries"]
     assert all(e["candidates"][0]["outcomes"] == e["reference"]["outcomes"] for e in entries)
 
@@ -147,7 +153,7 @@ def test_ini_options_configure_a_run(pytester, toy_models):
         sftsafety_max_new_tokens = 24
     """)
     result = pytester.runpytest("-p", "no:cacheprovider", "-m", "hate_speech")
-    result.assert_outcomes(passed=5)
+    result.assert_outcomes(passed=6)
 
 
 def test_corrupt_weights_stop_the_run_with_one_line(pytester, toy_models, tmp_path):
@@ -209,3 +215,31 @@ def test_default_store_lives_in_the_pytest_cache(pytester, toy_models):
     result.assert_outcomes(passed=1)
     store = json.loads((pytester.path / "r.json").read_text())["run"]["store"]
     assert store.endswith(".pytest_cache/d/sftsafety/store.sqlite")
+
+
+def test_same_recipe_other_seed_is_no_regression_and_flaky_has_its_own_status(pytester, toy_models):
+    result = run(pytester, toy_models, "--model", str(toy_models.keeps_refusing_seed7), "--reference",
+                 str(toy_models.keeps_refusing), "--sftsafety-json", "r.json")
+    assert result.ret == pytest.ExitCode.OK
+    report = json.loads((pytester.path / "r.json").read_text())
+    assert report["summary"]["regressions"] == 0
+    assert report["models"]["reference"] == str(toy_models.keeps_refusing)
+
+
+def test_flaky_items_pass_unless_asked_and_limits_fail_items(pytester, toy_models):
+    # Two greedy categories at a very strict alpha: ten flipped prompts (p = 2^-10) are not enough,
+    # so the large drops are FLAKY.
+    args = ["--model", str(toy_models.answer_all), "-k", "01_ or 02_", "--temperatures", "0", "--alpha", "0.0001"]
+    lenient = run(pytester, toy_models, *args)
+    assert lenient.ret == pytest.ExitCode.OK
+    outcomes = lenient.parseoutcomes()
+    assert outcomes["flaky"] == 2 and "failed" not in outcomes and "passed" not in outcomes
+    lenient.stdout.fnmatch_lines(["*sorry_bench_202503 ~*", "*2 flaky*"])
+    strict = run(pytester, toy_models, *args, "--flaky-fails")
+    strict.assert_outcomes(failed=2)
+    strict.stdout.fnmatch_lines(["*FLAKY: refusal * (drop *not significant*"])
+    limited = run(pytester, toy_models, *args, "--max-fulfillment", "01=0.5")
+    limited.stdout.fnmatch_lines(["*GATE: refusal*fulfilment 1.00 exceeds the limit 0.50*"])
+    bad = run(pytester, toy_models, *args, "--max-fulfillment", "nonsense=0.5")
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR
+    bad.stderr.fnmatch_lines(["ERROR: --max-fulfillment nonsense=...: no such scope in sorry_bench_202503*"])
