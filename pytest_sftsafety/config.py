@@ -85,6 +85,12 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("--max-fulfillment", "max_fulfillment", "list", [],
                "Absolute limit on the candidate's fulfilment rate: RATE (overall), DOMAIN=RATE or CATEGORY=RATE "
                "(id or name). Repeatable.", "[SCOPE=]RATE"),
+    OptionSpec("--sftsafety-save-baseline", "save_baseline", "str", None,
+               "Save the candidates' outcomes (e.g. several fine-tuning seeds of one recipe) as a calibration "
+               "baseline at PATH.", "PATH"),
+    OptionSpec("--baseline", "baseline", "str", None,
+               "Use a saved baseline as the reference and its seed-to-seed spread in the band; the reference "
+               "model is then not run.", "PATH"),
     OptionSpec("--sftsafety-store", "store", "str", None,
                "Result store (SQLite) shared by runs and workers (default: in the pytest cache folder).", "PATH"),
     OptionSpec("--sftsafety-fresh", "fresh", "bool", False,
@@ -123,6 +129,8 @@ class RunConfig:
     alpha: float = 0.05
     flaky_fails: bool = False
     max_fulfillment: tuple[tuple[str, float], ...] = ()
+    save_baseline: str | None = None
+    baseline: str | None = None
     store: str | None = None
     fresh: bool = False
     run_seed: int = 0
@@ -261,6 +269,8 @@ def build_config(get: Callable[[OptionSpec], Any]) -> RunConfig:
         alpha=_to_alpha(value("alpha")),
         flaky_fails=bool(value("flaky_fails")),
         max_fulfillment=parse_limits(raw["max_fulfillment"] or []),
+        save_baseline=value("save_baseline"),
+        baseline=value("baseline"),
         store=value("store"),
         fresh=bool(value("fresh")),
         run_seed=_to_int(OPTION_BY_DEST["run_seed"], value("run_seed"), 0),

@@ -58,7 +58,16 @@ class SftSafetySession:
         self.cfg = cfg
         self.suite = load_suite(cfg.suite)
         self.prompts = load_prompts(self.suite, cfg.data, cfg.prompt_style)
-        self.models = plan_models(cfg.models, cfg.reference, cfg.base_model, cfg.allow_pickle)
+        if cfg.baseline and cfg.reference:
+            raise SftSafetyError("--baseline and --reference both name the reference; use one of them")
+        self.models = plan_models(cfg.models, cfg.reference, cfg.base_model, cfg.allow_pickle,
+                                  need_reference=not cfg.baseline)
+        self.baseline = None
+        if cfg.baseline:
+            from .baseline import check_compatible, load
+
+            self.baseline = load(cfg.baseline)
+            check_compatible(self.baseline, self.identity(), [])
         from .runner import check_limit_scopes
 
         check_limit_scopes(cfg.max_fulfillment, self.suite)
@@ -85,6 +94,10 @@ class SftSafetySession:
         cells = list(dict.fromkeys(c for t in targets for c in target_cells(t, self.suite)))
         self.nodeids = {item.target: item.nodeid for item in items}
         try:
+            if self.baseline is not None:
+                from .baseline import check_compatible
+
+                check_compatible(self.baseline, self.identity(), cells)
             store = Store(self.store_path())
             try:
                 with warnings.catch_warnings():
@@ -92,13 +105,22 @@ class SftSafetySession:
                     warnings.simplefilter("ignore", DeprecationWarning)
                     warnings.simplefilter("ignore", FutureWarning)
                     self.result = run(self.cfg, self.prompts, cells, self.models, self._backend,
-                                      make_judge(self.cfg.judge), store, self._progress)
-                self.verdicts = assess(self.result, targets, self.suite, self.cfg)
+                                      make_judge(self.cfg.judge), store, self._progress, self.baseline)
+                self.verdicts = assess(self.result, targets, self.suite, self.cfg, self.baseline)
             finally:
                 store.close()
         except SftSafetyError as exc:
             self.error = str(exc)
             raise
+
+    def identity(self) -> dict[str, Any]:
+        """The settings a baseline must share with this run."""
+        from .backends import ENGINE_VERSION
+        from .baseline import identity
+        from .judges import make_judge
+
+        return identity(self.cfg.settings(), self.suite.name, self.prompts.sha256, make_judge(self.cfg.judge).id,
+                        ENGINE_VERSION)
 
     def _progress(self, total: int, label: str):
         from .progress import TerminalProgress
@@ -122,8 +144,9 @@ class SftSafetySession:
         stats = self.result.stats
         return build_report(
             suite=self.suite, prompts=self.prompts, settings=self.cfg.settings(),
-            models={"candidates": list(self.cfg.models), "reference": self.models.describe_reference(),
-                    "base": self.models.base},
+            models={"candidates": list(self.cfg.models), "base": self.models.base,
+                    "reference": (f"baseline {self.baseline.path} ({len(self.baseline.models)} checkpoints)"
+                                  if self.baseline else self.models.describe_reference())},
             judge_id=self.result.judge_id, cells=self.result.cells, verdicts=self.verdicts, nodeids=self.nodeids,
             run={"generations": stats.generations, "generated": stats.generated, "from_store": stats.from_store,
                  "new_tokens": stats.new_tokens, "judged": stats.judged, "model_loads": stats.model_loads,
@@ -240,10 +263,15 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     state = session.config.stash.get(SESSION_KEY, None)
-    if state is None or state.result is None or not state.cfg.json:
+    if state is None or state.result is None:
         return
     try:
-        write_json(state.cfg.json, state.report())
+        if state.cfg.json:
+            write_json(state.cfg.json, state.report())
+        if state.cfg.save_baseline:
+            from .baseline import save
+
+            save(state.cfg.save_baseline, state.identity(), list(state.cfg.models), state.result.cells)
     except SftSafetyError as exc:
         state.report_error = str(exc)
         session.exitstatus = pytest.ExitCode.USAGE_ERROR
@@ -256,11 +284,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     terminalreporter.section("sftsafety")
     for line in render_table(state.report()).splitlines():
         terminalreporter.line(line)
+    if state.report_error:
+        terminalreporter.line(f"sftsafety: {state.report_error}", red=True)
+        return
     if state.cfg.json:
-        if state.report_error:
-            terminalreporter.line(f"sftsafety: {state.report_error}", red=True)
-        else:
-            terminalreporter.line(f"JSON report: {os.path.abspath(state.cfg.json)}")
+        terminalreporter.line(f"JSON report: {os.path.abspath(state.cfg.json)}")
+    if state.cfg.save_baseline:
+        terminalreporter.line(f"baseline of {len(state.cfg.models)} checkpoints: "
+                              f"{os.path.abspath(state.cfg.save_baseline)}")
 
 
 def pytest_report_teststatus(report: pytest.TestReport, config: pytest.Config):

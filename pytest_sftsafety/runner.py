@@ -12,6 +12,7 @@ import numpy as np
 
 from .backends import ENGINE_VERSION, GenRow
 from .backends.checkpoints import ModelPlan, variant_fingerprint
+from .baseline import Baseline
 from .config import RunConfig
 from .seeding import sample_seed
 from .stats import Comparison, Verdict, judge_run
@@ -110,11 +111,12 @@ def plan_rows(cfg: RunConfig, prompts: PromptSet, cells: Sequence[Cell]) -> tupl
 
 
 def run(cfg: RunConfig, prompts: PromptSet, cells: Sequence[Cell], plan: ModelPlan, backend_factory: Callable,
-        judge, store: Store, progress: ProgressFactory | None = None) -> RunResult:
-    """Generate and judge everything ``cells`` need for the candidates and the reference."""
+        judge, store: Store, progress: ProgressFactory | None = None, baseline: Baseline | None = None) -> RunResult:
+    """Generate and judge everything ``cells`` need for the candidates and the reference (or, with a
+    baseline, for the candidates only: the baseline's checkpoints are the reference)."""
     started = time.perf_counter()
     make_progress = progress or (lambda total, label: _Silent())
-    variants = [f"candidate:{i}" for i in range(len(plan.candidates))] + ["reference"]
+    variants = [f"candidate:{i}" for i in range(len(plan.candidates))] + ([] if baseline else ["reference"])
     slots, rows = plan_rows(cfg, prompts, cells)
     stats = RunStats(generations=len(rows) * len(variants))
 
@@ -163,12 +165,13 @@ def run(cfg: RunConfig, prompts: PromptSet, cells: Sequence[Cell], plan: ModelPl
             for v_index, variant in enumerate(variants):
                 outcome[v_index, slot.prompt_index, slot.sample] = scores[variant][index]
                 answer[v_index][slot.prompt_index][slot.sample] = texts[variant][index]
-        reference, candidates = outcome[-1], outcome[:-1]
+        n_candidates = len(plan.candidates)
+        reference = baseline.reference_for(cell) if baseline else outcome[-1]
         results[cell] = CellResult(
             category=prompts.suite.category(category_id), temperature=temperature,
             question_ids=[p.question_id for p in prompts.by_category[category_id]],
-            reference=reference, candidates=candidates, reference_texts=answer[-1],
-            candidate_texts=answer[:-1])
+            reference=reference, candidates=outcome[:n_candidates],
+            reference_texts=[] if baseline else answer[-1], candidate_texts=answer[:n_candidates])
     stats.seconds = time.perf_counter() - started
     return RunResult(cells=results, variants=variants, judge_id=judge.id, stats=stats)
 
@@ -254,11 +257,13 @@ def check_limit_scopes(limits: Sequence[tuple[str, float]], suite: Suite) -> Non
 
 
 def assess(result: RunResult, targets: Sequence[Target], suite: Suite, cfg: RunConfig,
-           seed_sd: dict | None = None) -> dict[Target, Verdict]:
+           baseline: Baseline | None = None) -> dict[Target, Verdict]:
     """Verdicts for the run's tests, with multiplicity controlled across all of them."""
     comparisons = []
     for target in targets:
-        cells = [result.cells[c] for c in target_cells(target, suite) if c in result.cells]
+        keys = [c for c in target_cells(target, suite) if c in result.cells]
+        cells = [result.cells[c] for c in keys]
+        rates = baseline.checkpoint_rates(keys) if baseline else None
         reference = np.concatenate([c.reference for c in cells], axis=0)
         candidates = np.concatenate([c.candidates for c in cells], axis=1)
         aggregate = not isinstance(target[0], int)
@@ -266,5 +271,6 @@ def assess(result: RunResult, targets: Sequence[Target], suite: Suite, cfg: RunC
             key=target, reference=reference, candidates=candidates,
             margin=cfg.aggregate_margin if aggregate else cfg.margin,
             max_fulfillment=limit_for(target, suite, cfg.max_fulfillment),
-            seed_sd=(seed_sd or {}).get(target)))
+            seed_sd=float(rates.std(ddof=1)) if rates is not None and rates.size > 1 else None,
+            baseline_rates=rates))
     return judge_run(comparisons, cfg.alpha)

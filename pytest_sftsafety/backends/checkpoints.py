@@ -124,7 +124,7 @@ class ModelPlan:
 
 
 def plan_models(models: tuple[str, ...], reference: str | None, base_override: str | None,
-                allow_pickle: bool) -> ModelPlan:
+                allow_pickle: bool, need_reference: bool = True) -> ModelPlan:
     if not models:
         raise ModelLoadError("no --model given; pass --model PATH (a LoRA adapter or model folder)")
     candidates = tuple(resolve(m, "--model", base_override, allow_pickle) for m in models)
@@ -141,7 +141,7 @@ def plan_models(models: tuple[str, ...], reference: str | None, base_override: s
         if Path(base).is_dir():
             _check_full_weights(Path(base), f"base model {base}", allow_pickle)
     ref = resolve(reference, "--reference", base_override, allow_pickle) if reference else None
-    if ref is None and base is None:
+    if ref is None and base is None and need_reference:
         raise ModelLoadError(f"--model {models[0]} is a full model, so there is no adapter to switch off: "
                              f"pass --reference PATH (the model before fine-tuning)")
     return ModelPlan(candidates=candidates, reference=ref, base=base)

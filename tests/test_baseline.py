@@ -1,0 +1,51 @@
+"""Calibration baselines: saved from several seeds of a recipe, used as reference and band later."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from .test_plugin import run
+
+
+def test_baseline_round_trip_skips_the_reference_and_gates_new_checkpoints(pytester, toy_models):
+    seeds = ["--model", str(toy_models.keeps_refusing), "--model", str(toy_models.keeps_refusing_seed7)]
+    saved = run(pytester, toy_models, *seeds, "-m", "hate_speech", "--sftsafety-save-baseline", "base.json")
+    assert saved.ret == pytest.ExitCode.OK
+    saved.stdout.fnmatch_lines(["baseline of 2 checkpoints: *base.json"])
+    document = json.loads((pytester.path / "base.json").read_text())
+    assert document["schema"] == "pytest-sftsafety/baseline" and len(document["cells"]) == 5 * 2
+    assert all(len(c["outcomes"]) == 2 for c in document["cells"])  # both checkpoints kept
+
+    bad = run(pytester, toy_models, "--model", str(toy_models.answer_all), "--baseline", "base.json",
+              "-m", "hate_speech", "--sftsafety-json", "r.json")
+    assert bad.ret == pytest.ExitCode.TESTS_FAILED
+    report = json.loads((pytester.path / "r.json").read_text())
+    assert report["models"]["reference"] == "baseline base.json (2 checkpoints)"
+    assert report["run"]["generations"] == 5 * 10 * 3  # the candidate only: no reference generated
+    assert report["summary"]["regressions"] >= 1
+
+    good = run(pytester, toy_models, "--model", str(toy_models.keeps_refusing), "--baseline", "base.json",
+               "-m", "hate_speech")
+    assert good.ret == pytest.ExitCode.OK
+
+
+def test_baselines_from_other_settings_are_refused(pytester, toy_models):
+    run(pytester, toy_models, "--model", str(toy_models.keeps_refusing), "-m", "hate_speech",
+        "--sftsafety-save-baseline", "base.json")
+    cases = [
+        (["--seeds", "3"], "ERROR: --baseline base.json was made with seeds = 2, this run has 3; *"),
+        (["--temperatures", "1.0"], "*--baseline base.json has no outcomes for category 1 at temperature 1;*"),
+        (["--reference", str(toy_models.base)], "ERROR: --baseline and --reference both name the reference*"),
+    ]
+    for extra, message in cases:
+        result = run(pytester, toy_models, "--model", str(toy_models.answer_all), "--baseline", "base.json",
+                     "-m", "hate_speech", *extra)
+        assert result.ret == pytest.ExitCode.USAGE_ERROR, extra
+        (result.stderr if message.startswith("ERROR") else result.stdout).fnmatch_lines([message])
+    (pytester.path / "report.json").write_text('{"schema": "pytest-sftsafety/report"}')
+    wrong = run(pytester, toy_models, "--model", str(toy_models.answer_all), "--baseline", "report.json")
+    wrong.stderr.fnmatch_lines(["ERROR: --baseline report.json: not a baseline file*"])
+    missing = run(pytester, toy_models, "--model", str(toy_models.answer_all), "--baseline", "nope.json")
+    missing.stderr.fnmatch_lines(["ERROR: --baseline nope.json: no such file; make one with --sftsafety-save*"])
