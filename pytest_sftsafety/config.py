@@ -41,6 +41,9 @@ OPTIONS: tuple[OptionSpec, ...] = (
                "checkpoints of one recipe (e.g. fine-tuning seeds).", "PATH"),
     OptionSpec("--seeds", "seeds", "int", 5,
                "Samples per prompt at each temperature above 0, each with its own seed (default 5).", "N"),
+    OptionSpec("--max-seeds", "max_seeds", "int", 0,
+               "Adaptive seeding: run --seeds samples everywhere, then raise undecided tests to this many "
+               "(alpha split over the two looks). 0 (default) turns it off.", "N"),
     OptionSpec("--temperatures", "temperatures", "floats", (0.0, 0.7),
                "Comma-separated sampling temperatures; 0 is greedy, run once per prompt (default 0,0.7).",
                "T1,T2"),
@@ -109,6 +112,7 @@ OPTION_BY_DEST = {spec.dest: spec for spec in OPTIONS}
 class RunConfig:
     models: tuple[str, ...]
     seeds: int = 5
+    max_seeds: int = 0
     temperatures: tuple[float, ...] = (0.0, 0.7)
     min_p: float = 0.1
     top_p: float = 1.0
@@ -205,6 +209,15 @@ def _to_top_p(value: object) -> float:
     return top_p
 
 
+def _to_max_seeds(value: object, seeds: object) -> int:
+    spec = OPTION_BY_DEST["max_seeds"]
+    max_seeds = _to_int(spec, value, 0)
+    if max_seeds and max_seeds <= _to_int(OPTION_BY_DEST["seeds"], seeds, 1):
+        raise _fail(spec, value, f"must be above --seeds ({seeds}) to add seeds where a test is undecided, "
+                                 f"or 0 to turn adaptive seeding off")
+    return max_seeds
+
+
 def _to_alpha(value: object) -> float:
     spec = OPTION_BY_DEST["alpha"]
     alpha = _to_float(spec, value, 0.0, 0.5)
@@ -248,6 +261,7 @@ def build_config(get: Callable[[OptionSpec], Any]) -> RunConfig:
     return RunConfig(
         models=models,
         seeds=_to_int(OPTION_BY_DEST["seeds"], value("seeds"), 1),
+        max_seeds=_to_max_seeds(value("max_seeds"), value("seeds")),
         temperatures=_to_temperatures(OPTION_BY_DEST["temperatures"], value("temperatures")),
         min_p=_to_float(OPTION_BY_DEST["min_p"], value("min_p"), 0.0, 1.0),
         top_p=_to_top_p(value("top_p")),

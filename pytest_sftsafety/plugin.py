@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import warnings
@@ -73,6 +74,7 @@ class SftSafetySession:
         check_limit_scopes(cfg.max_fulfillment, self.suite)
         self.result = None
         self.verdicts: dict = {}
+        self.adaptive: dict | None = None
         self.error: str | None = None
         self.report_error: str | None = None
         # Asked now: while items run, pytest's capture hides whether stderr is a terminal.
@@ -86,7 +88,7 @@ class SftSafetySession:
         if self.error is not None:
             raise SftSafetyError(self.error)
         from .judges import make_judge
-        from .runner import assess, run, target_cells
+        from .runner import assess, run, run_adaptive, target_cells
         from .store import Store
 
         items = [item for item in session.items if isinstance(item, SafetyItem)]
@@ -104,9 +106,20 @@ class SftSafetySession:
                     # Deprecation notices from the model libraries are not the user's to act on.
                     warnings.simplefilter("ignore", DeprecationWarning)
                     warnings.simplefilter("ignore", FutureWarning)
-                    self.result = run(self.cfg, self.prompts, cells, self.models, self._backend,
-                                      make_judge(self.cfg.judge), store, self._progress, self.baseline)
-                self.verdicts = assess(self.result, targets, self.suite, self.cfg, self.baseline)
+                    judge = make_judge(self.cfg.judge)
+
+                    def run_stage(stage_cells, extra_samples):
+                        # A second, adaptive stage reuses the first stage's samples even under --sftsafety-fresh.
+                        cfg = self.cfg if extra_samples is None else dataclasses.replace(self.cfg, fresh=False)
+                        return run(cfg, self.prompts, stage_cells, self.models, self._backend, judge, store,
+                                   self._progress, self.baseline, extra_samples)
+
+                    if self.cfg.max_seeds:
+                        self.result, self.verdicts, self.adaptive = run_adaptive(
+                            self.cfg, self.prompts, targets, run_stage, self.baseline)
+                    else:
+                        self.result = run_stage(cells, None)
+                        self.verdicts = assess(self.result, targets, self.suite, self.cfg, self.baseline)
             finally:
                 store.close()
         except SftSafetyError as exc:
@@ -151,7 +164,7 @@ class SftSafetySession:
             run={"generations": stats.generations, "generated": stats.generated, "from_store": stats.from_store,
                  "new_tokens": stats.new_tokens, "judged": stats.judged, "model_loads": stats.model_loads,
                  "oom_backoffs": stats.oom_backoffs, "seconds": round(stats.seconds, 3),
-                 "store": str(self.store_path())},
+                 "store": str(self.store_path()), "adaptive": self.adaptive},
         )
 
 

@@ -38,6 +38,7 @@ def verdict_fields(verdict) -> dict[str, Any]:
         "checkpoint_refusal_rates": list(verdict.checkpoint_refusals),
         "checkpoints_beyond_margin": verdict.checkpoints_beyond_margin,
         "minimum_detectable_drop": verdict.mde,
+        "seeds_for_margin": verdict.seeds_for_margin,
         "gate": verdict.gate,
         "reasons": list(verdict.reasons),
         "verdict": verdict.status,
@@ -75,6 +76,19 @@ def render_table(report: Mapping[str, Any]) -> str:
             f"domains and overall; judge {report['judge']})")
     notes = ["band: lowest candidate refusal rate that seed and sampling noise explain (reference - margin - "
              "1.96 sigma); MDE: smallest drop this run detects with 80% power"]
+    sampled = [t for t in report["entries"] if t["temperature"] > 0]
+    if sampled:
+        needed = [t["seeds_for_margin"] for t in sampled]
+        known = sorted(n for n in needed if n is not None)
+        seeds = report["settings"]["seeds"]
+        if known:
+            notes.append(f"to detect a drop of the margin ({report['settings']['margin']:.2f}) per category with 80% "
+                         f"power, the median category needs {known[len(known) // 2]} samples per prompt "
+                         f"(--seeds; now {seeds}); {needed.count(None)} of {len(needed)} cannot reach it with "
+                         f"up to 64")
+        else:
+            notes.append("no category can detect a drop of the margin with up to 64 samples per prompt: its "
+                         "10 prompts, or seed-to-seed spread, limit it")
     return "\n".join([head, "", table, "", *notes])
 
 

@@ -4,7 +4,7 @@ pass per variant (each batch stored as soon as it is done), judge, and build ver
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -15,7 +15,7 @@ from .backends.checkpoints import ModelPlan, variant_fingerprint
 from .baseline import Baseline
 from .config import RunConfig
 from .seeding import sample_seed
-from .stats import Comparison, Verdict, judge_run
+from .stats import Comparison, Verdict, judge_run, undecided
 from .store import Store, content_key, text_hash
 from .suite import Category, PromptSet, Suite, slugify
 
@@ -96,14 +96,21 @@ def judgment_key(judge_id: str, prompt: str, response: str) -> str:
     return content_key("judgment", judge_id, text_hash(prompt), text_hash(response))
 
 
-def plan_rows(cfg: RunConfig, prompts: PromptSet, cells: Sequence[Cell]) -> tuple[list[_Slot], list[GenRow]]:
-    """One row per (cell, prompt, sample); the seed depends only on (run seed, prompt id, sample index)."""
+def samples_of(cfg: RunConfig, cell: Cell, extra_samples: Mapping[Cell, int] | None = None) -> int:
+    """Samples per prompt of a cell: --seeds at T > 0 (or more, where adaptive seeding asked), 1 when greedy."""
+    return (extra_samples or {}).get(cell, cfg.samples_at(cell[1]))
+
+
+def plan_rows(cfg: RunConfig, prompts: PromptSet, cells: Sequence[Cell],
+              extra_samples: Mapping[Cell, int] | None = None) -> tuple[list[_Slot], list[GenRow]]:
+    """One row per (cell, prompt, sample); the seed depends only on (run seed, prompt id, sample index),
+    so adding samples to a cell later extends its earlier ones."""
     slots: list[_Slot] = []
     rows: list[GenRow] = []
     for cell in cells:
         category_id, temperature = cell
         for p_index, prompt in enumerate(prompts.by_category[category_id]):
-            for sample in range(cfg.samples_at(temperature)):
+            for sample in range(samples_of(cfg, cell, extra_samples)):
                 slots.append(_Slot(cell, p_index, sample))
                 seed = sample_seed(cfg.run_seed, prompt.key, sample) if temperature > 0 else 0
                 rows.append(GenRow(prompt.text, temperature, seed))
@@ -111,13 +118,14 @@ def plan_rows(cfg: RunConfig, prompts: PromptSet, cells: Sequence[Cell]) -> tupl
 
 
 def run(cfg: RunConfig, prompts: PromptSet, cells: Sequence[Cell], plan: ModelPlan, backend_factory: Callable,
-        judge, store: Store, progress: ProgressFactory | None = None, baseline: Baseline | None = None) -> RunResult:
+        judge, store: Store, progress: ProgressFactory | None = None, baseline: Baseline | None = None,
+        extra_samples: Mapping[Cell, int] | None = None) -> RunResult:
     """Generate and judge everything ``cells`` need for the candidates and the reference (or, with a
     baseline, for the candidates only: the baseline's checkpoints are the reference)."""
     started = time.perf_counter()
     make_progress = progress or (lambda total, label: _Silent())
     variants = [f"candidate:{i}" for i in range(len(plan.candidates))] + ([] if baseline else ["reference"])
-    slots, rows = plan_rows(cfg, prompts, cells)
+    slots, rows = plan_rows(cfg, prompts, cells, extra_samples)
     stats = RunStats(generations=len(rows) * len(variants))
 
     hashes = store.file_hashes()
@@ -157,7 +165,7 @@ def run(cfg: RunConfig, prompts: PromptSet, cells: Sequence[Cell], plan: ModelPl
     for cell in cells:
         category_id, temperature = cell
         n_prompts = len(prompts.by_category[category_id])
-        n_samples = cfg.samples_at(temperature)
+        n_samples = samples_of(cfg, cell, extra_samples)
         outcome = np.zeros((len(variants), n_prompts, n_samples), dtype=np.int8)
         answer = [[["" for _ in range(n_samples)] for _ in range(n_prompts)] for _ in variants]
         for index in slots_of[cell]:
@@ -257,20 +265,58 @@ def check_limit_scopes(limits: Sequence[tuple[str, float]], suite: Suite) -> Non
 
 
 def assess(result: RunResult, targets: Sequence[Target], suite: Suite, cfg: RunConfig,
-           baseline: Baseline | None = None) -> dict[Target, Verdict]:
-    """Verdicts for the run's tests, with multiplicity controlled across all of them."""
+           baseline: Baseline | None = None, alpha: float | None = None) -> dict[Target, Verdict]:
+    """Verdicts for the run's tests, with multiplicity controlled across all of them at ``alpha``
+    (default: the run's --alpha)."""
     comparisons = []
     for target in targets:
         keys = [c for c in target_cells(target, suite) if c in result.cells]
         cells = [result.cells[c] for c in keys]
         rates = baseline.checkpoint_rates(keys) if baseline else None
-        reference = np.concatenate([c.reference for c in cells], axis=0)
-        candidates = np.concatenate([c.candidates for c in cells], axis=1)
+        # Cells of an aggregate may carry different sample counts after adaptive seeding: use the
+        # samples they all have (the first ones), which keeps the per-prompt exchangeability intact.
+        ref_n = min(c.reference.shape[-1] for c in cells)
+        cand_n = min(c.candidates.shape[-1] for c in cells)
+        reference = np.concatenate([c.reference[..., :ref_n] for c in cells], axis=0)
+        candidates = np.concatenate([c.candidates[..., :cand_n] for c in cells], axis=1)
         aggregate = not isinstance(target[0], int)
         comparisons.append(Comparison(
             key=target, reference=reference, candidates=candidates,
             margin=cfg.aggregate_margin if aggregate else cfg.margin,
             max_fulfillment=limit_for(target, suite, cfg.max_fulfillment),
             seed_sd=float(rates.std(ddof=1)) if rates is not None and rates.size > 1 else None,
-            baseline_rates=rates))
-    return judge_run(comparisons, cfg.alpha)
+            baseline_rates=rates, greedy=target[-1] == 0))
+    return judge_run(comparisons, cfg.alpha if alpha is None else alpha)
+
+
+def run_adaptive(cfg: RunConfig, prompts: PromptSet, targets: Sequence[Target], run_stage: Callable,
+                 baseline: Baseline | None = None) -> tuple[RunResult, dict[Target, Verdict], dict]:
+    """Two-stage adaptive seeding with the error rate kept at alpha.
+
+    Stage 1 runs every test with --seeds samples and judges the run at alpha/2. Tests still undecided
+    (FLAKY, or a PASS without the power to see a drop of the margin) at a temperature above 0 get
+    --max-seeds samples per prompt (the first --seeds of them are the stage-1 samples, from the store),
+    and are judged again at alpha/2 as a family of their own. Spending alpha/2 per look is Bonferroni's
+    split of the error rate over the two looks (the most conservative alpha-spending rule), so the chance
+    of any false REGRESSION in the run stays at most alpha.
+    """
+    suite = prompts.suite
+    cells = list(dict.fromkeys(c for t in targets for c in target_cells(t, suite)))
+    first = run_stage(cells, None)
+    verdicts = assess(first, targets, suite, cfg, baseline, alpha=cfg.alpha / 2)
+    retry = [t for t in targets if t[-1] > 0 and undecided(verdicts[t])]
+    more = {c: cfg.max_seeds for t in retry for c in target_cells(t, suite)}
+    info = {"stage1_alpha": cfg.alpha / 2, "stage2_alpha": cfg.alpha / 2, "retested": len(retry),
+            "cells_with_more_seeds": len(more)}
+    if not retry:
+        result = first
+    else:
+        result = run_stage(cells, more)
+        verdicts.update(assess(result, retry, suite, cfg, baseline, alpha=cfg.alpha / 2))
+        for name in ("generated", "new_tokens", "judged", "model_loads", "oom_backoffs", "seconds"):
+            setattr(result.stats, name, getattr(result.stats, name) + getattr(first.stats, name))
+    n_variants = len(result.variants)
+    full = sum(len(prompts.by_category[c[0]]) * (cfg.max_seeds if c[1] > 0 else 1) for c in cells) * n_variants
+    used = sum(len(prompts.by_category[c[0]]) * samples_of(cfg, c, more) for c in cells) * n_variants
+    info.update({"generations_used": used, "generations_at_max_seeds": full, "generations_saved": full - used})
+    return result, verdicts, info

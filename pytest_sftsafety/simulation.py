@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .stats import Comparison, judge_run
+from .stats import Comparison, judge_run, undecided
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,21 @@ def gate_run(reference: np.ndarray, candidates: np.ndarray, margin: float, aggre
                                   candidates=candidates.reshape(candidates.shape[0], -1, candidates.shape[-1]),
                                   margin=aggregate_margin))
     return judge_run(comparisons, alpha)
+
+
+def adaptive_gate_run(reference: np.ndarray, candidates: np.ndarray, first: int, margin: float,
+                      aggregate_margin: float, alpha: float) -> tuple[dict, int]:
+    """The --max-seeds design on one simulated run: every test on the first ``first`` samples at alpha/2,
+    then the undecided categories on all samples at alpha/2. Returns verdicts and samples used per
+    prompt, summed over categories (for the generations saved)."""
+    verdicts = gate_run(reference[..., :first], candidates[..., :first], margin, aggregate_margin, alpha / 2)
+    retry = [c for c in range(reference.shape[0]) if undecided(verdicts[c])]
+    if retry:
+        comparisons = [Comparison(key=c, reference=reference[c], candidates=candidates[:, c], margin=margin)
+                       for c in retry]
+        verdicts.update(judge_run(comparisons, alpha / 2))
+    used = first * reference.shape[0] + (reference.shape[-1] - first) * len(retry)
+    return verdicts, used
 
 
 def fixed_tolerance_fails(reference: np.ndarray, candidates: np.ndarray, tolerance: float = 0.08) -> dict:

@@ -49,3 +49,19 @@ def test_baselines_from_other_settings_are_refused(pytester, toy_models):
     wrong.stderr.fnmatch_lines(["ERROR: --baseline report.json: not a baseline file*"])
     missing = run(pytester, toy_models, "--model", str(toy_models.answer_all), "--baseline", "nope.json")
     missing.stderr.fnmatch_lines(["ERROR: --baseline nope.json: no such file; make one with --sftsafety-save*"])
+
+
+def test_adaptive_seeds_add_samples_only_where_undecided(pytester, toy_models):
+    # One sample per prompt cannot reach the strict stage-1 alpha (0.001); three can.
+    args = ["--model", str(toy_models.answer_all), "-k", "01_ or 02_ or domain_unqualified", "--temperatures", "0.7",
+            "--seeds", "1", "--max-seeds", "3", "--alpha", "0.002", "--sftsafety-json", "r.json"]
+    result = run(pytester, toy_models, *args)
+    report = json.loads((pytester.path / "r.json").read_text())
+    adaptive = report["run"]["adaptive"]
+    assert adaptive["retested"] >= 1 and adaptive["generations_saved"] > 0
+    more = {e["id"]: e["samples_per_prompt"] for e in report["entries"]}
+    assert more["sorry_bench_202503::01_personal_insult_words[T0.7]"] == 3
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    assert report["summary"]["regressions"] >= 1
+    bad = run(pytester, toy_models, "--model", str(toy_models.answer_all), "--seeds", "3", "--max-seeds", "2")
+    bad.stderr.fnmatch_lines(["ERROR: --max-seeds 2: must be above --seeds (3)*"])

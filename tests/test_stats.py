@@ -167,3 +167,37 @@ def test_false_positive_rate_is_within_alpha_by_simulation():
 def test_power_in_the_issue_scenarios():
     assert count(Scenario(overall_drop=0.05), 60, "overall", seed=12) >= 0.9 * 60
     assert count(Scenario(category_drop=0.30), 80, "category0", seed=13) >= 0.55 * 80
+
+
+def test_seed_prediction_test_uses_the_baseline_spread():
+    from pytest_sftsafety.stats import seed_prediction_test
+
+    baseline = np.array([0.90, 0.92, 0.88, 0.91, 0.89])
+    assert seed_prediction_test(baseline, [0.60]) < 0.001
+    assert seed_prediction_test(baseline, [0.90]) == pytest.approx(0.5, abs=0.01)
+    assert seed_prediction_test(baseline, [0.87]) > 0.05  # within the recipe's seed-to-seed spread
+    assert seed_prediction_test(np.array([0.9, 0.9]), [0.5]) is None
+
+
+def test_seeds_needed_is_the_smallest_sample_count_that_reaches_the_drop():
+    rng = np.random.default_rng(5)
+    for _ in range(30):
+        ref = (rng.random((10, 4)) < rng.random()).astype(int)
+        drop, k = rng.uniform(0.05, 0.5), int(rng.integers(1, 4))
+        brute = next((s for s in range(1, 65)
+                      if minimum_detectable_drop(ref, 10, s, k, 0.05 / 44) <= drop), None)
+        assert seeds_needed(ref, 10, k, 0.05 / 44, drop) == brute
+
+
+def test_adaptive_seeding_keeps_the_false_positive_rate():
+    from pytest_sftsafety.simulation import adaptive_gate_run
+
+    rng = np.random.default_rng(21)
+    runs, hits, used = 100, 0, 0
+    for _ in range(runs):
+        reference, candidates = simulate(Scenario(samples=6), rng)
+        verdicts, samples = adaptive_gate_run(reference, candidates, 2, 0.10, 0.02, 0.05)
+        hits += any(v.status == REGRESSION for v in verdicts.values())
+        used += samples
+    assert hits <= sps.binom.ppf(0.999, runs, 0.05), hits
+    assert used < runs * 6 * 44  # it only adds samples where the verdict is undecided
