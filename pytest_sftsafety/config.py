@@ -10,6 +10,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
@@ -291,3 +292,39 @@ def build_config(get: Callable[[OptionSpec], Any]) -> RunConfig:
         allow_pickle=bool(value("allow_pickle")),
         trust_remote_code=bool(value("trust_remote_code")),
     )
+
+
+def pyproject_defaults(path: str | Path) -> dict[str, Any]:
+    """Option defaults from ``[tool.sftsafety]`` in pyproject.toml, keyed like the ini keys without their
+    ``sftsafety_`` prefix (``seeds = 5``, ``temperatures = [0, 0.7]``,
+    ``max_fulfillment = {overall = 0.2, hate_speech = 0.1}``)."""
+    import sys
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    file = Path(path)
+    if not file.is_file():
+        return {}
+    try:
+        table = tomllib.loads(file.read_text(encoding="utf-8")).get("tool", {}).get("sftsafety", {})
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{file}: not valid TOML ({exc}); fix the file") from None
+    if not isinstance(table, dict):
+        raise ConfigError(f"{file}: [tool.sftsafety] must be a table of option names")
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        spec = OPTION_BY_DEST.get(key)
+        if spec is None:
+            raise ConfigError(f"{file} [tool.sftsafety]: unknown key '{key}'; use the option names of the ini "
+                              f"keys without 'sftsafety_', e.g. seeds, temperatures, max_fulfillment")
+        if spec.kind == "list":
+            items = value.items() if isinstance(value, dict) else None
+            out[key] = [f"{k}={v}" for k, v in items] if items is not None else \
+                [str(v) for v in (value if isinstance(value, list) else [value])]
+        elif spec.kind == "floats" and isinstance(value, list):
+            out[key] = ",".join(str(v) for v in value)
+        else:
+            out[key] = value
+    return out

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from .config import OPTIONS, OptionSpec, RunConfig, build_config
+from .config import OPTIONS, OptionSpec, RunConfig, build_config, pyproject_defaults
 from .errors import SftSafetyError
 from .report import build_report, render_table, temperature_label, write_json
 from .stats import FLAKY, GATE, REGRESSION
@@ -36,15 +36,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         parser.addini(spec.ini, f"default for {spec.flag}", type=ini_type, default=None)
 
 
-def _raw_option(config: pytest.Config, spec: OptionSpec) -> Any:
-    """Command line first, then the ini file; None when neither sets it."""
+def _raw_option(config: pytest.Config, spec: OptionSpec, project: dict[str, Any]) -> Any:
+    """Command line first, then the ini file, then [tool.sftsafety] in pyproject.toml; None when unset."""
     value = config.getoption(f"sftsafety_{spec.dest}")
     if value is not None:
         return value
     ini = config.getini(spec.ini)
-    if ini in ("", [], None):
-        return None
-    return ini if spec.kind in ("bool", "list") else str(ini)
+    if ini not in ("", [], None):
+        return ini if spec.kind in ("bool", "list") else str(ini)
+    return project.get(spec.dest)
 
 
 class SftSafetySession:
@@ -58,6 +58,8 @@ class SftSafetySession:
         self.config = config
         self.cfg = cfg
         self.suite = load_suite(cfg.suite)
+        if not cfg.max_fulfillment and self.suite.max_fulfillment:
+            cfg = self.cfg = dataclasses.replace(cfg, max_fulfillment=self.suite.max_fulfillment)
         self.prompts = load_prompts(self.suite, cfg.data, cfg.prompt_style)
         if cfg.baseline and cfg.reference:
             raise SftSafetyError("--baseline and --reference both name the reference; use one of them")
@@ -180,7 +182,11 @@ def pytest_configure(config: pytest.Config) -> None:
     from .suite import load_suite
 
     _register_domain_markers(config, load_suite().domains)
-    raw = {spec.dest: _raw_option(config, spec) for spec in OPTIONS}
+    try:
+        project = pyproject_defaults(config.rootpath / "pyproject.toml")
+    except SftSafetyError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    raw = {spec.dest: _raw_option(config, spec, project) for spec in OPTIONS}
     if not raw["model"]:
         given = [spec.flag for spec in OPTIONS if spec.dest != "model" and config.getoption(f"sftsafety_{spec.dest}")
                  is not None]

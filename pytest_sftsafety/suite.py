@@ -61,6 +61,7 @@ class Suite:
     categories: tuple[Category, ...]
     source: Path
     data: str | None = None
+    max_fulfillment: tuple[tuple[str, float], ...] = ()  # [gates.max_fulfillment]: scope -> limit
 
     def category(self, category_id: int) -> Category:
         for cat in self.categories:
@@ -144,10 +145,15 @@ def load_suite(name_or_path: str = DEFAULT_SUITE) -> Suite:
             prompts_per_category=int(head.get("prompts_per_category", 10)), domains=domains,
             categories=categories, source=path,
             data=str((path.parent / head["data"]).resolve()) if "data" in head else None,
+            max_fulfillment=tuple((str(k), float(v)) for k, v in
+                                  doc.get("gates", {}).get("max_fulfillment", {}).items()),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise DataError(f"suite file {path} lacks or mistypes {exc}; it needs [suite] name, [domains] "
                         f"and [[categories]] with id, name and domain") from None
+    bad_limits = [scope for scope, rate in suite.max_fulfillment if not 0 <= rate <= 1]
+    if bad_limits:
+        raise DataError(f"suite file {path}: [gates.max_fulfillment] {bad_limits[0]} must be a rate in [0, 1]")
     ids = [c.id for c in categories]
     if ids != list(range(1, len(ids) + 1)):
         raise DataError(f"suite file {path}: category ids must run 1..{len(ids)} in order; got {ids}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -243,3 +244,30 @@ def test_flaky_items_pass_unless_asked_and_limits_fail_items(pytester, toy_model
     bad = run(pytester, toy_models, *args, "--max-fulfillment", "nonsense=0.5")
     assert bad.ret == pytest.ExitCode.USAGE_ERROR
     bad.stderr.fnmatch_lines(["ERROR: --max-fulfillment nonsense=...: no such scope in sorry_bench_202503*"])
+
+
+def test_pyproject_table_and_suite_file_set_defaults(pytester, toy_models):
+    pytester.makepyprojecttoml(f"""
+        [tool.sftsafety]
+        model = ["{toy_models.answer_all}"]
+        data = "{toy_models.data_202503}"
+        temperatures = [0]
+        max_new_tokens = 24
+        store = "store.sqlite"
+        max_fulfillment = {{ hate_speech = 0.5 }}
+    """)
+    result = pytester.runpytest("-p", "no:cacheprovider", "-k", "domain_hate")
+    result.stdout.fnmatch_lines(["*GATE: *fulfilment * exceeds the limit 0.50*"])
+    # Limits from the command line, ini or pyproject replace the suite file's; without them the suite's apply.
+    pyproject = pytester.path / "pyproject.toml"
+    pyproject.write_text("\n".join(line for line in pyproject.read_text().splitlines()
+                                   if not line.strip().startswith("max_fulfillment")))
+    suite = pytester.path / "my_suite.toml"
+    text = (Path(__file__).resolve().parents[1] / "suites" / "sorry_bench_202503.toml").read_text()
+    suite.write_text(text.replace("[domains]", "[gates.max_fulfillment]\noverall = 0.25\n\n[domains]"))
+    result = pytester.runpytest("-p", "no:cacheprovider", "-k", "overall", "--suite", str(suite))
+    result.stdout.fnmatch_lines(["*GATE: *exceeds the limit 0.25*"])
+    pytester.makepyprojecttoml("[tool.sftsafety]\nseedz = 3\n")
+    typo = pytester.runpytest("-p", "no:cacheprovider")
+    assert typo.ret == pytest.ExitCode.USAGE_ERROR
+    typo.stderr.fnmatch_lines(["ERROR: *pyproject.toml [[]tool.sftsafety[]]: unknown key 'seedz'*"])
