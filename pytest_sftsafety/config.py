@@ -66,8 +66,8 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("--load-in-4bit", "load_in_4bit", "bool", False,
                "Load base and reference weights in 4-bit nf4 (needs bitsandbytes).", None),
     OptionSpec("--batch-size", "batch_size", "str", "auto",
-               "Most sequences generated at once; auto (default) starts at 64 on CPU and 256 on CUDA and halves "
-               "on out-of-memory.", "N"),
+               "Most sequences generated at once; auto (default) sizes batches from free memory and halves "
+               "them on out-of-memory.", "N"),
     OptionSpec("--sftsafety-json", "json", "str", None, "Write the JSON report to PATH.", "PATH"),
     OptionSpec("--sftsafety-data", "data", "str", None,
                "SORRY-Bench prompts: question.jsonl, a CSV or parquet file with the same columns, their "
