@@ -81,7 +81,8 @@ class SftSafetySession:
         self.report_error: str | None = None
         # Asked now: while items run, pytest's capture hides whether stderr is a terminal.
         self.interactive = sys.__stderr__ is not None and sys.__stderr__.isatty()
-        self.nodeids: dict[tuple[int, float], str] = {}
+        self.nodeids: dict[tuple, str] = {}
+        self._report: dict[str, Any] | None = None
 
     def ensure_results(self, session: pytest.Session) -> None:
         """Run every generation the selected items need, once, at the first item."""
@@ -156,6 +157,12 @@ class SftSafetySession:
         return HFBackend(self.cfg, self.models)
 
     def report(self) -> dict[str, Any]:
+        """The run's report, built once (the JSON file and the terminal summary share it)."""
+        if self._report is None:
+            self._report = self._build_report()
+        return self._report
+
+    def _build_report(self) -> dict[str, Any]:
         stats = self.result.stats
         return build_report(
             suite=self.suite, prompts=self.prompts, settings=self.cfg.settings(),
