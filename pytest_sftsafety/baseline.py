@@ -54,11 +54,17 @@ def save(path: str | Path, ident: Mapping[str, Any], models: list[str], cells: M
     document = {
         "schema": BASELINE_SCHEMA, "version": BASELINE_VERSION, "tool_version": __version__,
         "identity": dict(ident), "models": list(models),
-        "cells": [{"category_id": cell[0], "temperature": cell[1], "outcomes": result.candidates.astype(int).tolist(),
-                   "checkpoint_refusal_rates": (1 - result.candidates.astype(float).mean(axis=(1, 2))).tolist()}
+        "cells": [_cell(cell, result.candidates, 1 if cell[1] == 0 else int(ident["seeds"]))
                   for cell, result in cells.items()],
     }
     write_json(path, document)
+
+
+def _cell(cell: tuple[int, float], candidates: np.ndarray, samples: int) -> dict:
+    # Adaptive runs may hold more samples in some cells; a baseline keeps the --seeds every cell has.
+    outcomes = candidates[..., :samples]
+    return {"category_id": cell[0], "temperature": cell[1], "outcomes": outcomes.astype(int).tolist(),
+            "checkpoint_refusal_rates": (1 - outcomes.astype(float).mean(axis=(1, 2))).tolist()}
 
 
 def load(path: str | Path) -> Baseline:

@@ -328,3 +328,28 @@ def pyproject_defaults(path: str | Path) -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+def cuda_visible() -> bool:
+    """Whether a CUDA device is there, asked without importing torch (so warm runs stay light):
+    an NVIDIA device node, unless CUDA_VISIBLE_DEVICES hides every device."""
+    import os
+
+    mask = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if mask is not None and mask.strip() in ("", "-1"):
+        return False
+    return any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+def resolved_device(device: str) -> str:
+    """``auto`` made concrete: cuda when a GPU is visible, else cpu."""
+    if device != "auto":
+        return device
+    return "cuda" if cuda_visible() else "cpu"
+
+
+def resolved_dtype(dtype: str, device: str) -> str:
+    """``auto`` made concrete: bfloat16 on CUDA, float32 elsewhere."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if device.startswith("cuda") else "float32"

@@ -13,7 +13,7 @@ import numpy as np
 from .backends import ENGINE_VERSION, GenRow
 from .backends.checkpoints import ModelPlan, variant_fingerprint
 from .baseline import Baseline
-from .config import RunConfig
+from .config import RunConfig, resolved_device, resolved_dtype
 from .seeding import sample_seed
 from .stats import Comparison, Verdict, judge_run, undecided
 from .store import Store, content_key, text_hash
@@ -88,8 +88,10 @@ def generation_key(cfg: RunConfig, fingerprint: str, row: GenRow) -> str:
     """What determines an answer: engine, weights, prompt, sampling settings, seed and load settings.
     Greedy answers carry no seed and no sampling cut-offs, so every run seed shares them."""
     sampling = (row.temperature, cfg.top_p, cfg.min_p, row.seed) if row.temperature > 0 else (0.0,)
+    device = resolved_device(cfg.device)
     return content_key("generation", ENGINE_VERSION, fingerprint, text_hash(row.prompt), sampling,
-                       cfg.max_new_tokens, cfg.dtype, cfg.load_in_4bit, cfg.device)
+                       cfg.max_new_tokens, resolved_dtype(cfg.dtype, device), cfg.load_in_4bit,
+                       device.split(":")[0])
 
 
 def judgment_key(judge_id: str, prompt: str, response: str) -> str:
@@ -312,7 +314,10 @@ def run_adaptive(cfg: RunConfig, prompts: PromptSet, targets: Sequence[Target], 
         result = first
     else:
         result = run_stage(cells, more)
-        verdicts.update(assess(result, retry, suite, cfg, baseline, alpha=cfg.alpha / 2))
+        # Holm over every test again (not only the retried ones, which were picked for looking extreme),
+        # so the second look's family-wise error stays at alpha/2; only the retried verdicts change.
+        second = assess(result, targets, suite, cfg, baseline, alpha=cfg.alpha / 2)
+        verdicts.update({t: second[t] for t in retry})
         for name in ("generated", "new_tokens", "judged", "model_loads", "oom_backoffs", "seconds"):
             setattr(result.stats, name, getattr(result.stats, name) + getattr(first.stats, name))
     n_variants = len(result.variants)

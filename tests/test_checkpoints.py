@@ -90,3 +90,27 @@ def test_fingerprints_follow_weights_and_tokenizer(toy_models, tmp_path):
     weights.write_bytes(bytes(data))
     assert variant_fingerprint(plan(changed), "candidate:0") != prints["candidate:0"]
     assert variant_fingerprint(plan(changed), "reference") == prints["reference"]
+
+
+def test_reference_identity_ignores_which_adapter_ships_the_tokenizer(toy_models, tmp_path):
+    from pytest_sftsafety.backends.checkpoints import variant_fingerprint
+
+    with_tokenizer = copy(toy_models.answer_all, tmp_path / "with_tokenizer")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (toy_models.base / name).is_file():
+            shutil.copy(toy_models.base / name, with_tokenizer / name)
+    other = copy(toy_models.keeps_refusing, tmp_path / "other")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (toy_models.base / name).is_file():
+            shutil.copy(toy_models.base / name, other / name)
+    first, second = plan(with_tokenizer), plan(other)
+    assert variant_fingerprint(first, "reference") == variant_fingerprint(second, "reference")
+    assert variant_fingerprint(first, "candidate:0") != variant_fingerprint(second, "candidate:0")
+
+
+def test_auto_device_is_resolved_without_torch(monkeypatch):
+    from pytest_sftsafety.config import resolved_device, resolved_dtype
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert resolved_device("auto") == "cpu" and resolved_dtype("auto", "cpu") == "float32"
+    assert resolved_dtype("auto", "cuda:1") == "bfloat16" and resolved_device("cuda:1") == "cuda:1"

@@ -196,6 +196,21 @@ def source_fingerprint(source: str, cache: dict | None = None) -> str:
     return hashlib.sha256("\n".join([snapshot, *parts]).encode()).hexdigest()
 
 
+TOKENIZER_PREFIXES = ("tokenizer", "special_tokens_map", "added_tokens", "chat_template", "vocab", "merges",
+                      "spiece", "sentencepiece")
+
+
+def tokenizer_fingerprint(source: str, cache: dict | None = None) -> str:
+    """The tokenizer files alone (not the weights beside them), so a new adapter that ships the base's
+    tokenizer does not change the reference's identity."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return source_fingerprint(source, cache)
+    parts = [f"{p.name}:{file_sha256(p, cache)}" for p in sorted(folder.iterdir())
+             if p.is_file() and p.name.startswith(TOKENIZER_PREFIXES)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
 def variant_fingerprint(plan: ModelPlan, variant: str, cache: dict | None = None) -> str:
     """Identity of the weights and tokenizer that produce a variant's answers."""
     if plan.base is not None and (variant != "reference" or plan.reference is None):
@@ -208,5 +223,5 @@ def variant_fingerprint(plan: ModelPlan, variant: str, cache: dict | None = None
         weights = [f"{ckpt.kind}={source_fingerprint(ckpt.path, cache)}"]
         if ckpt.kind == "adapter":
             weights.append(f"base={source_fingerprint(ckpt.base, cache)}")
-    weights.append(f"tokenizer={source_fingerprint(tokenizer_source(plan, variant), cache)}")
+    weights.append(f"tokenizer={tokenizer_fingerprint(tokenizer_source(plan, variant), cache)}")
     return hashlib.sha256("\n".join(weights).encode()).hexdigest()

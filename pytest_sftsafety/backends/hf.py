@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 import torch
 
-from ..config import RunConfig
+from ..config import RunConfig, resolved_device, resolved_dtype
 from ..errors import ModelLoadError
 from . import GenRow
 from .checkpoints import Checkpoint, ModelPlan, tokenizer_source
@@ -22,19 +22,18 @@ PLAIN_FORMAT = "User: {prompt}\nAssistant:"
 
 
 def pick_device(device: str) -> str:
-    if device != "auto":
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ModelLoadError(f"--device {device}: CUDA is not available here; use --device cpu")
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    return "cpu"
+    """The device to load on. ``auto`` follows ``config.resolved_device`` (which keys the store), and
+    torch must agree with it, or stored answers would be attributed to the wrong device and dtype."""
+    chosen = resolved_device(device)
+    if chosen.startswith("cuda") and not torch.cuda.is_available():
+        flag = "auto" if device == "auto" else device
+        raise ModelLoadError(f"--device {flag}: a GPU is visible but this torch build cannot use CUDA; install a "
+                             f"CUDA build of torch or pass --device cpu")
+    return chosen
 
 
 def pick_dtype(dtype: str, device: str) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return getattr(torch, dtype)
+    return getattr(torch, resolved_dtype(dtype, device))
 
 
 def _short(exc: BaseException) -> str:
