@@ -66,9 +66,16 @@ def adaptive_gate_run(reference: np.ndarray, candidates: np.ndarray, first: int,
     verdicts = gate_run(reference[..., :first], candidates[..., :first], margin, aggregate_margin, alpha / 2)
     retry = [c for c in range(reference.shape[0]) if undecided(verdicts[c])]
     if retry:
-        comparisons = [Comparison(key=c, reference=reference[c], candidates=candidates[:, c], margin=margin)
-                       for c in retry]
-        verdicts.update(judge_run(comparisons, alpha / 2))
+        # As runner.run_adaptive: the second look's Holm family is every test, with the retried categories
+        # at all samples and the others at their first ones.
+        comparisons = [Comparison(key=c, reference=reference[c] if c in retry else reference[c, :, :first],
+                                  candidates=candidates[:, c] if c in retry else candidates[:, c, :, :first],
+                                  margin=margin) for c in range(reference.shape[0])]
+        comparisons.append(Comparison(key="overall", reference=reference[..., :first].reshape(-1, first),
+                                      candidates=candidates[..., :first].reshape(candidates.shape[0], -1, first),
+                                      margin=aggregate_margin))
+        second = judge_run(comparisons, alpha / 2)
+        verdicts.update({c: second[c] for c in retry})
     used = first * reference.shape[0] + (reference.shape[-1] - first) * len(retry)
     return verdicts, used
 
