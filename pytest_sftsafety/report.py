@@ -31,6 +31,7 @@ def verdict_fields(verdict) -> dict[str, Any]:
         "candidate_refusal_rate": verdict.candidate_refusal,
         "drop": verdict.drop,
         "margin": verdict.margin,
+        "reference_interval": list(verdict.reference_interval),
         "band": {"low": verdict.band.low, "high": verdict.band.high, "sigma": verdict.band.sigma},
         "test": {"method": verdict.test.method, "statistic": verdict.test.statistic,
                  "expected": verdict.test.expected, "pvalue": verdict.test.pvalue,

@@ -59,14 +59,17 @@ def wilson_halfwidth(rate: float, n: float, z: float = BAND_Z) -> tuple[float, f
 
 def rate_sigma(outcomes: np.ndarray) -> float:
     """Uncertainty (one standard error) of a refusal-rate estimate: the clustered SE; where it
-    collapses (a rate of 0 or 1, or every prompt alike) the Wilson interval with the number of prompts
-    as the sample size stands in, so small counts and extreme rates keep an honest width."""
+    collapses (a rate of 0 or 1, or every prompt alike) the Wilson interval stands in, over the prompts
+    when their samples agree and over all samples otherwise, so small counts and extreme rates keep an
+    honest width."""
     means = per_prompt(outcomes)
     rate = 1.0 - float(means.mean())
     se = clustered_se(outcomes)
     if se > 0 and 0 < rate < 1:
         return se
-    low, high = wilson_halfwidth(rate, means.size)
+    # Samples that agree within each prompt count once per prompt; otherwise each sample counts.
+    agree = bool(np.all((means == 0) | (means == 1)))
+    low, high = wilson_halfwidth(rate, means.size if agree else means.size * np.asarray(outcomes).shape[-1])
     return (high - low) / (2 * BAND_Z)
 
 
@@ -226,6 +229,7 @@ class Verdict:
     checkpoint_refusals: tuple[float, ...] = ()
     checkpoints_beyond_margin: int = 0
     mde: float = float("nan")
+    reference_interval: tuple[float, float] = (0.0, 1.0)  # 95% interval of the reference's own refusal rate
     seeds_for_margin: int | None = None  # samples per prompt that detect a drop of the margin with 80% power
     gate: str | None = None
     reasons: tuple[str, ...] = field(default_factory=tuple)
@@ -342,6 +346,8 @@ def judge_run(comparisons: Sequence[Comparison], alpha: float) -> dict[object, V
                                         ref_samples=comp.reference.shape[-1]),
             seeds_for_margin=None if comp.greedy else seeds_needed(
                 comp.reference, n_prompts, comp.candidates.shape[0], share, max(comp.margin, 0.01), seed_sd=seed_sd),
+            reference_interval=(max(0.0, ref_rate - BAND_Z * rate_sigma(comp.reference)),
+                                min(1.0, ref_rate + BAND_Z * rate_sigma(comp.reference))),
             gate=gate, reasons=reasons)
     return verdicts
 

@@ -201,3 +201,12 @@ def test_adaptive_seeding_keeps_the_false_positive_rate():
         used += samples
     assert hits <= sps.binom.ppf(0.999, runs, 0.05), hits
     assert used < runs * 6 * 44  # it only adds samples where the verdict is undecided
+
+
+def test_reference_interval_accounts_for_prompt_clustering():
+    clustered = np.array([[1, 1, 1, 1], [0, 0, 0, 0]] * 5)  # prompts differ, samples agree
+    spread = np.array([[1, 0, 1, 0], [0, 1, 0, 1]] * 5)  # same rate, samples vary within prompts
+    wide = judge_run([Comparison("c", clustered, clustered[None], 0.1)], 0.05)["c"].reference_interval
+    narrow = judge_run([Comparison("c", spread, spread[None], 0.1)], 0.05)["c"].reference_interval
+    assert wide[0] < 0.5 < wide[1] and narrow[0] < 0.5 < narrow[1]
+    assert wide[1] - wide[0] > narrow[1] - narrow[0]
