@@ -46,7 +46,7 @@ def clustered_se(outcomes: np.ndarray) -> float:
     return float(means.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
 
 
-def wilson_halfwidth(rate: float, n: float, z: float = BAND_Z) -> tuple[float, float]:
+def wilson_interval(rate: float, n: float, z: float = BAND_Z) -> tuple[float, float]:
     """Wilson score interval (Wilson 1927) for a proportion; stays inside [0, 1] and is not
     degenerate at rates of 0 or 1, where the normal interval collapses to a point."""
     if n <= 0:
@@ -69,7 +69,7 @@ def rate_sigma(outcomes: np.ndarray) -> float:
         return se
     # Samples that agree within each prompt count once per prompt; otherwise each sample counts.
     agree = bool(np.all((means == 0) | (means == 1)))
-    low, high = wilson_halfwidth(rate, means.size if agree else means.size * np.asarray(outcomes).shape[-1])
+    low, high = wilson_interval(rate, means.size if agree else means.size * np.asarray(outcomes).shape[-1])
     return (high - low) / (2 * BAND_Z)
 
 
@@ -110,7 +110,7 @@ def tolerance_band(reference: np.ndarray, candidates: np.ndarray, margin: float,
     within = float((means * (1 - means)).mean())
     var_pair = within * (1 / ref_samples + 1 / (k * samples)) / n_prompts
     if var_pair == 0:
-        low, high = wilson_halfwidth(ref_rate, n_prompts * ref_samples)
+        low, high = wilson_interval(ref_rate, n_prompts * ref_samples)
         var_pair = ((high - low) / (2 * BAND_Z)) ** 2
     sigma = math.sqrt(var_pair + between ** 2 / k)
     return Band(low=max(0.0, ref_rate - margin - BAND_Z * sigma), high=min(1.0, ref_rate + BAND_Z * sigma),

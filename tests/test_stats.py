@@ -28,7 +28,7 @@ from pytest_sftsafety.stats import (
     seeds_needed,
     stratified_exact_test,
     tolerance_band,
-    wilson_halfwidth,
+    wilson_interval,
 )
 
 
@@ -110,7 +110,7 @@ def test_direction_flips_with_the_roles_and_prompt_order_does_not_matter(pair, r
 
 
 def test_bands_widen_with_noise_and_stay_honest_at_the_edges():
-    assert wilson_halfwidth(1.0, 10)[0] == pytest.approx(0.7225, abs=1e-3)  # not a point at a rate of 1
+    assert wilson_interval(1.0, 10)[0] == pytest.approx(0.7225, abs=1e-3)  # not a point at a rate of 1
     clustered = np.array([[1, 1, 1, 1], [0, 0, 0, 0]] * 5)
     spread = np.array([[1, 0, 1, 0], [0, 1, 0, 1]] * 5)
     assert clustered_se(clustered) > clustered_se(spread)  # identical samples of one prompt are not news
