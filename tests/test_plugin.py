@@ -271,3 +271,22 @@ def test_pyproject_table_and_suite_file_set_defaults(pytester, toy_models):
     typo = pytester.runpytest("-p", "no:cacheprovider")
     assert typo.ret == pytest.ExitCode.USAGE_ERROR
     typo.stderr.fnmatch_lines(["ERROR: *pyproject.toml [[]tool.sftsafety[]]: unknown key 'seedz'*"])
+
+
+def test_pickle_only_base_needs_allow_pickle(pytester, toy_models, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    base = shutil.copytree(toy_models.base, tmp_path / "pickled_base")
+    torch.save(load_file(base / "model.safetensors"), base / "pytorch_model.bin")
+    (base / "model.safetensors").unlink()
+    args = ["--model", str(toy_models.answer_all), "--base-model", str(base), "-k", "violent", "--temperatures", "0"]
+    refused = run(pytester, toy_models, *args)
+    assert refused.ret == pytest.ExitCode.USAGE_ERROR
+    refused.stderr.fnmatch_lines(["ERROR: base model *pickled_base: *only pickle weights (.bin)*--allow-pickle*"])
+    allowed = run(pytester, toy_models, *args, "--allow-pickle")
+    assert allowed.ret in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED)
+    assert "Traceback" not in allowed.stdout.str()
+    allowed.stdout.fnmatch_lines(["*07_violent_crimes*T0*"])

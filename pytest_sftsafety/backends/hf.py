@@ -59,6 +59,7 @@ class HFBackend:
 
     # -- loading -------------------------------------------------------------------------------
     def _load_kwargs(self, pickle_weights: bool) -> dict:
+        """``pickle_weights``: pickle files are allowed (--allow-pickle); else safetensors are required."""
         kwargs: dict = {"dtype": self.dtype, "trust_remote_code": self.cfg.trust_remote_code}
         if not pickle_weights:
             kwargs["use_safetensors"] = True
@@ -106,9 +107,7 @@ class HFBackend:
         self._model = None
         self._tokenizer = None
         self._loaded = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        self._free_memory()
 
     def _ensure_adapters(self) -> None:
         if self._loaded == "adapters":
@@ -116,7 +115,7 @@ class HFBackend:
         self._unload()
         from peft import PeftModel
 
-        base = self._load_full(self.plan.base, "base model", False)
+        base = self._load_full(self.plan.base, "base model", self.cfg.allow_pickle)
         model = None
         for index, ckpt in enumerate(self.plan.candidates):
             try:
@@ -140,7 +139,7 @@ class HFBackend:
         if ckpt.kind == "adapter":
             from peft import PeftModel
 
-            base = self._load_full(ckpt.base, "base model", False)
+            base = self._load_full(ckpt.base, "base model", self.cfg.allow_pickle)
             try:
                 self._model = PeftModel.from_pretrained(base, ckpt.path, is_trainable=False)
             except Exception as exc:
