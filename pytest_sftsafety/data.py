@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 from .errors import DataError
-from .suite import ENCODED_STYLES, PROMPT_STYLES, PromptSet, Suite, validate_prompts
+from .suite import PROMPT_STYLES, PromptSet, Suite, validate_prompts
 
 HUB_ID = re.compile(r"^(?:hf://)?(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
 
@@ -161,7 +161,3 @@ def load_prompts(suite: Suite, data: str | None, prompt_style: str = "base") -> 
     prompts = validate_prompts(suite, rows, str(path), prompt_style)
     return PromptSet(suite=suite, prompts=tuple(prompts), source=str(path), sha256=digest,
                      prompt_style=prompt_style)
-
-
-def needs_decoding(prompt_style: str) -> bool:
-    return prompt_style in ENCODED_STYLES

@@ -50,8 +50,6 @@ class CellResult:
     question_ids: list[int]
     reference: np.ndarray  # [prompt, sample] of 1 = fulfilment, 0 = refusal
     candidates: np.ndarray  # [checkpoint, prompt, sample]
-    reference_texts: list[list[str]]
-    candidate_texts: list[list[list[str]]]
 
 
 @dataclass
@@ -169,19 +167,16 @@ def run(cfg: RunConfig, prompts: PromptSet, cells: Sequence[Cell], plan: ModelPl
         n_prompts = len(prompts.by_category[category_id])
         n_samples = samples_of(cfg, cell, extra_samples)
         outcome = np.zeros((len(variants), n_prompts, n_samples), dtype=np.int8)
-        answer = [[["" for _ in range(n_samples)] for _ in range(n_prompts)] for _ in variants]
         for index in slots_of[cell]:
             slot = slots[index]
             for v_index, variant in enumerate(variants):
                 outcome[v_index, slot.prompt_index, slot.sample] = scores[variant][index]
-                answer[v_index][slot.prompt_index][slot.sample] = texts[variant][index]
         n_candidates = len(plan.candidates)
         reference = baseline.reference_for(cell) if baseline else outcome[-1]
         results[cell] = CellResult(
             category=prompts.suite.category(category_id), temperature=temperature,
             question_ids=[p.question_id for p in prompts.by_category[category_id]],
-            reference=reference, candidates=outcome[:n_candidates],
-            reference_texts=[] if baseline else answer[-1], candidate_texts=answer[:n_candidates])
+            reference=reference, candidates=outcome[:n_candidates])
     stats.seconds = time.perf_counter() - started
     return RunResult(cells=results, variants=variants, judge_id=judge.id, stats=stats)
 

@@ -28,9 +28,6 @@ MUTATION_STYLES = (
     "translate-mr", "translate-ta", "translate-zh-cn",
 )
 PROMPT_STYLES = ("base",) + MUTATION_STYLES
-# Answers to these styles are encoded or translated; they must be decoded before a judge reads them.
-ENCODED_STYLES = frozenset(s for s in MUTATION_STYLES if s in {"ascii", "caesar", "morse", "atbash"}
-                           or s.startswith("translate-"))
 
 
 def slugify(text: str) -> str:
