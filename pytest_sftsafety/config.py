@@ -63,6 +63,9 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("--device", "device", "str", "auto", "auto (default), cpu, cuda, cuda:N or mps.", "DEV"),
     OptionSpec("--dtype", "dtype", "str", "auto",
                "auto (default: bfloat16 on CUDA, float32 elsewhere), float32, bfloat16 or float16.", "DTYPE"),
+    OptionSpec("--gpus-per-worker", "gpus_per_worker", "int", 1,
+               "GPUs each process uses (each pytest-xdist worker, or the single process without -n): the "
+               "model is spread over them. Default 1.", "K"),
     OptionSpec("--load-in-4bit", "load_in_4bit", "bool", False,
                "Load base and reference weights in 4-bit nf4 (needs bitsandbytes).", None),
     OptionSpec("--batch-size", "batch_size", "str", "auto",
@@ -123,6 +126,7 @@ class RunConfig:
     judge: str = "keyword"
     device: str = "auto"
     dtype: str = "auto"
+    gpus_per_worker: int = 1
     load_in_4bit: bool = False
     batch_size: int | None = None  # None: automatic
     json: str | None = None
@@ -272,6 +276,7 @@ def build_config(get: Callable[[OptionSpec], Any]) -> RunConfig:
         judge=judge,
         device=device,
         dtype=dtype,
+        gpus_per_worker=_to_int(OPTION_BY_DEST["gpus_per_worker"], value("gpus_per_worker"), 1),
         load_in_4bit=bool(value("load_in_4bit")),
         batch_size=None if str(value("batch_size")).strip() == "auto"
         else _to_int(OPTION_BY_DEST["batch_size"], value("batch_size"), 1),

@@ -74,6 +74,15 @@ class SftSafetySession:
         from .runner import check_limit_scopes
 
         check_limit_scopes(cfg.max_fulfillment, self.suite)
+        from .distributed import worker_from_input
+
+        # An xdist worker (its slice of the run, then the whole run from the store) or the process
+        # that does everything; the xdist controller runs no items and takes the workers' results.
+        self.worker = worker_from_input(config.workerinput) if hasattr(config, "workerinput") else None
+        self.gpu_allocator = None  # the controller's, when workers get GPUs
+        self.worker_payloads: list[dict[str, Any]] = []
+        self.worker_info: dict[str, dict[str, Any]] = {}
+        self._backend_instance = None
         self.result = None
         self.verdicts: dict = {}
         self.adaptive: dict | None = None
@@ -111,11 +120,17 @@ class SftSafetySession:
                     warnings.simplefilter("ignore", FutureWarning)
                     judge = make_judge(self.cfg.judge)
 
+                    def run_cells(stage_cells, extra_samples, fresh):
+                        return run(dataclasses.replace(self.cfg, fresh=fresh), self.prompts, stage_cells,
+                                   self.models, self._backend, judge, store, self._progress, self.baseline,
+                                   extra_samples)
+
                     def run_stage(stage_cells, extra_samples):
                         # A second, adaptive stage reuses the first stage's samples even under --sftsafety-fresh.
-                        cfg = self.cfg if extra_samples is None else dataclasses.replace(self.cfg, fresh=False)
-                        return run(cfg, self.prompts, stage_cells, self.models, self._backend, judge, store,
-                                   self._progress, self.baseline, extra_samples)
+                        fresh = self.cfg.fresh and extra_samples is None
+                        if self.worker is None:
+                            return run_cells(stage_cells, extra_samples, fresh)
+                        return self._run_sharded(store, stage_cells, extra_samples, fresh, run_cells)
 
                     if self.cfg.max_seeds:
                         self.result, self.verdicts, self.adaptive = run_adaptive(
@@ -125,10 +140,38 @@ class SftSafetySession:
                         self.verdicts = assess(self.result, targets, self.suite, self.cfg, self.baseline)
             finally:
                 store.close()
+                self._close_backend()
         except SftSafetyError as exc:
             self.error = str(exc)
             raise
+        except Exception as exc:
+            # Kept, so the other items report the same cause instead of starting the run over.
+            self.error = f"{type(exc).__name__}: {exc}"
+            raise
 
+    def _run_sharded(self, store, stage_cells, extra_samples, fresh: bool, run_cells):
+        """This worker's part of a stage, then the whole stage from the store (see ``distributed.py``)."""
+        import time
+
+        from .distributed import run_shards, shard_cells
+        from .runner import samples_of
+        from .store import content_key
+
+        started = time.perf_counter()
+        worker = self.worker
+
+        def cost(cell):
+            return len(self.prompts.by_category[cell[0]]) * samples_of(self.cfg, cell, extra_samples)
+
+        shards = shard_cells(stage_cells, cost, worker.count)
+        stage = content_key("stage", worker.run_uid, [[c[0], c[1], cost(c)] for c in stage_cells])
+        done = run_shards(store, stage, len(shards), worker,
+                          lambda index: run_cells(shards[index], extra_samples, fresh).stats)
+        result = run_cells(stage_cells, extra_samples, False)  # every shard is in the store now
+        for stats in done:
+            result.stats.absorb(stats)
+        result.stats.seconds = time.perf_counter() - started
+        return result
     def identity(self) -> dict[str, Any]:
         """The settings a baseline must share with this run."""
         from .backends import ENGINE_VERSION
@@ -141,7 +184,8 @@ class SftSafetySession:
     def _progress(self, total: int, label: str):
         from .progress import TerminalProgress
 
-        return TerminalProgress(self.config, total, label, self.interactive)
+        # A worker's output never reaches the terminal in order; the controller shows item progress.
+        return TerminalProgress(self.config, total, label, self.interactive, silent=self.worker is not None)
 
     def store_path(self) -> Path:
         if self.cfg.store:
@@ -152,9 +196,61 @@ class SftSafetySession:
         return Path(folder) / "store.sqlite"
 
     def _backend(self):
-        from .backends.hf import HFBackend
+        """One backend per process for the whole run, so each process loads the model once."""
+        if self._backend_instance is None:
+            from .backends.hf import HFBackend
+            from .config import resolved_device
 
-        return HFBackend(self.cfg, self.models)
+            if self.worker is not None and resolved_device(self.cfg.device) == "cpu":
+                import torch
+
+                from .distributed import available_cpus
+
+                torch.set_num_threads(max(1, available_cpus() // max(1, self.worker.count)))
+            self._backend_instance = HFBackend(self.cfg, self.models)
+        return self._backend_instance
+
+    def _close_backend(self) -> None:
+        if self._backend_instance is not None:
+            self._backend_instance.close()
+            self._backend_instance = None
+
+    def worker_payload(self) -> dict[str, Any]:
+        from .distributed import encode_result
+
+        payload = encode_result(self.result, self.nodeids, self.verdicts)
+        payload["worker"] = self.worker.id if self.worker else ""
+        payload["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
+        return payload
+
+    def take_worker_results(self) -> None:
+        """Controller: the run from the workers' outcomes, judged here once for the whole run."""
+        from .distributed import decode_results, sliced_stage
+        from .runner import assess, run_adaptive
+
+        payloads = [p for p in self.worker_payloads if p.get("cells") is not None]
+        if not payloads:
+            return
+        try:
+            result, targets, nodeids = decode_results(payloads, self.prompts)
+            if self.cfg.max_seeds:
+                _, verdicts, adaptive = run_adaptive(self.cfg, self.prompts, targets,
+                                                     sliced_stage(result, self.cfg, self.baseline), self.baseline)
+            else:
+                verdicts, adaptive = assess(result, targets, self.suite, self.cfg, self.baseline), None
+            for payload in payloads:
+                theirs = {tuple(t): status for t, status in payload["verdicts"]}
+                if theirs != {t: v.status for t, v in verdicts.items()}:
+                    raise SftSafetyError(f"worker {payload['worker']} reached other verdicts than the whole run; "
+                                         f"re-run without -n and report this as a bug")
+        except SftSafetyError as exc:
+            self.report_error = str(exc)
+            return
+        self.result, self.verdicts, self.adaptive, self.nodeids = result, verdicts, adaptive, nodeids
+        self.worker_info = {p["worker"]: {"generated": p["stats"]["generated"],
+                                          "model_loads": p["stats"]["model_loads"],
+                                          "seconds": round(p["stats"]["seconds"], 3),
+                                          "cuda_visible_devices": p["cuda_visible_devices"]} for p in payloads}
 
     def report(self) -> dict[str, Any]:
         """The run's report, built once (the JSON file and the terminal summary share it)."""
@@ -173,7 +269,8 @@ class SftSafetySession:
             run={"generations": stats.generations, "generated": stats.generated, "from_store": stats.from_store,
                  "new_tokens": stats.new_tokens, "judged": stats.judged, "model_loads": stats.model_loads,
                  "oom_backoffs": stats.oom_backoffs, "seconds": round(stats.seconds, 3),
-                 "store": str(self.store_path()), "adaptive": self.adaptive},
+                 "store": str(self.store_path()), "adaptive": self.adaptive,
+                 **({"workers": self.worker_info} if self.worker_info else {})},
         )
 
 
@@ -184,6 +281,45 @@ def _register_domain_markers(config: pytest.Config, domains: dict[str, str]) -> 
             config.addinivalue_line("markers", f"{domain}: {DOMAIN_HELP}")
 
 
+def _distributing(config: pytest.Config) -> int:
+    """Workers the xdist controller starts (0 in a worker or without xdist)."""
+    if hasattr(config, "workerinput") or config.getoption("dist", "no") == "no":
+        return 0
+    return len(config.getoption("tx", None) or [])
+
+
+def _pin_gpus(config: pytest.Config, state: SftSafetySession) -> None:
+    """Choose the GPUs of this process before anything creates a CUDA context: a worker takes the group
+    the controller gave it; a single process with --gpus-per-worker K takes the first K visible ones."""
+    from .config import resolved_device
+    from .distributed import GpuAllocator, check_gpu_workers, visible_gpus
+
+    workers = _distributing(config)
+    device = resolved_device(state.cfg.device)
+    if not device.startswith("cuda"):
+        return
+    if workers and device != "cuda":
+        raise SftSafetyError(f"--device {device} names one GPU, but with -n each worker gets its own; use --device "
+                             f"cuda (or auto) and CUDA_VISIBLE_DEVICES to choose the GPUs")
+    if hasattr(config, "workerinput"):
+        gpus = config.workerinput.get("sftsafety_gpus")
+    elif workers:
+        state.gpu_allocator = GpuAllocator(check_gpu_workers(visible_gpus(), state.cfg.gpus_per_worker, workers))
+        return
+    elif state.cfg.gpus_per_worker > 1:
+        gpus = ",".join(check_gpu_workers(visible_gpus(), state.cfg.gpus_per_worker, 1)[0])
+    else:
+        return
+    if gpus is None:
+        return
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        raise SftSafetyError("CUDA was initialised before pytest-sftsafety could pick this process's GPUs (a "
+                             "conftest or plugin used the GPU at import); move that use into a fixture")
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpus
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "sftsafety: a pytest-sftsafety safety test (category x temperature)")
     from .suite import load_suite
@@ -203,10 +339,57 @@ def pytest_configure(config: pytest.Config) -> None:
     try:
         cfg = build_config(lambda spec: raw[spec.dest])
         state = SftSafetySession(config, cfg)
+        _pin_gpus(config, state)
     except SftSafetyError as exc:
         raise pytest.UsageError(str(exc)) from None
     _register_domain_markers(config, state.suite.domains)  # a custom suite may have domains of its own
     config.stash[SESSION_KEY] = state
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """``-n auto`` for a safety run: one worker per GPU group, else one per two CPU cores."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None  # the user's explicit count
+    try:
+        project = pyproject_defaults(config.rootpath / "pyproject.toml")
+    except SftSafetyError:
+        return None  # reported by pytest_configure
+    raw = {spec.dest: _raw_option(config, spec, project) for spec in OPTIONS
+           if spec.dest in ("model", "device", "gpus_per_worker")}
+    if not raw["model"]:
+        return None
+    from .config import resolved_device
+    from .distributed import auto_workers, available_cpus, gpu_groups, visible_gpus
+
+    device = resolved_device(str(raw["device"] or "auto"))
+    try:
+        per_worker = max(1, int(raw["gpus_per_worker"] or 1))
+    except ValueError:
+        return None  # reported by pytest_configure
+    groups = len(gpu_groups(visible_gpus(), per_worker)) if device.startswith("cuda") else 0
+    return auto_workers(groups, available_cpus())
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:
+    """Controller: give a starting worker its GPUs (a replacement gets those of the worker it replaces)."""
+    state = node.config.stash.get(SESSION_KEY, None)
+    if state is not None and state.gpu_allocator is not None:
+        node.workerinput["sftsafety_gpus"] = ",".join(state.gpu_allocator.assign(node.gateway.id))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    """Controller: keep what a finished worker measured; free its GPUs."""
+    state = node.config.stash.get(SESSION_KEY, None)
+    if state is None:
+        return
+    if state.gpu_allocator is not None:
+        state.gpu_allocator.release(node.gateway.id)
+    payload = getattr(node, "workeroutput", {}).get("sftsafety")
+    if payload is not None:
+        state.worker_payloads.append(payload)
 
 
 class SuiteCollector(pytest.Collector):
@@ -252,6 +435,9 @@ class SafetyItem(pytest.Item):
         try:
             state.ensure_results(self.session)
         except SftSafetyError as exc:
+            if state.worker is not None:
+                # xdist cannot stop a worker mid-item; its items fail with the cause instead.
+                raise SafetyFailure(f"sftsafety: {exc}") from None
             pytest.exit(f"sftsafety: {exc}", returncode=pytest.ExitCode.USAGE_ERROR)
         verdict = state.verdicts[self.target]
         for key, value in (("verdict", verdict.status), ("reference_refusal", round(verdict.reference_refusal, 4)),
@@ -289,7 +475,15 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     state = session.config.stash.get(SESSION_KEY, None)
-    if state is None or state.result is None:
+    if state is None:
+        return
+    if state.worker is not None:
+        if state.result is not None:
+            session.config.workeroutput["sftsafety"] = state.worker_payload()
+        return  # the controller writes the reports once
+    if state.worker_payloads:
+        state.take_worker_results()
+    if state.result is None:
         return
     try:
         if state.cfg.json:
@@ -305,9 +499,12 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
     state = config.stash.get(SESSION_KEY, None)
-    if state is None or state.result is None:
+    if state is None or (state.result is None and not state.report_error):
         return
     terminalreporter.section("sftsafety")
+    if state.result is None:
+        terminalreporter.line(f"sftsafety: {state.report_error}", red=True)
+        return
     for line in render_table(state.report()).splitlines():
         terminalreporter.line(line)
     if state.report_error:

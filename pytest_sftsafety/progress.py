@@ -13,14 +13,14 @@ LINE_EVERY_S = 30.0
 
 
 class TerminalProgress:
-    def __init__(self, config: Any, total: int, label: str, interactive: bool) -> None:
+    def __init__(self, config: Any, total: int, label: str, interactive: bool, silent: bool = False) -> None:
         self.total, self.label = total, label
         self.done = self.tokens = 0
         self.started = self.last_line = time.monotonic()
         capman = config.pluginmanager.getplugin("capturemanager")
         self._uncaptured = capman.global_and_fixture_disabled if capman else nullcontext
         verbosity = config.get_verbosity()
-        self.mode = "off" if verbosity < 0 else ("bar" if interactive else "lines")
+        self.mode = "off" if verbosity < 0 or silent else ("bar" if interactive else "lines")
         self._bar = None
         self._reporter = config.pluginmanager.getplugin("terminalreporter")
         self._printed = -1

@@ -66,6 +66,11 @@ class RunStats:
     def from_store(self) -> int:
         return self.generations - self.generated
 
+    def absorb(self, other: RunStats) -> None:
+        """Add the work of another run over the same plan (an earlier stage, or a shard)."""
+        for name in ("generated", "new_tokens", "judged", "model_loads", "oom_backoffs", "seconds"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
 
 @dataclass
 class RunResult:
@@ -145,7 +150,9 @@ def run(cfg: RunConfig, prompts: PromptSet, cells: Sequence[Cell], plan: ModelPl
     missing = {v: [i for i, t in enumerate(texts[v]) if t is None] for v in variants}
     total_missing = sum(len(m) for m in missing.values())
     if total_missing:
+        # The caller owns the backend (it may serve several runs with one model load) and closes it.
         backend = backend_factory()
+        loads, backoffs = getattr(backend, "loads", 0), getattr(backend, "oom_backoffs", 0)
         bar = make_progress(total_missing, "generating")
         try:
             for v in variants:
@@ -153,9 +160,8 @@ def run(cfg: RunConfig, prompts: PromptSet, cells: Sequence[Cell], plan: ModelPl
                     _generate_variant(backend, v, missing[v], rows, keys[v], texts[v], store, stats, bar)
         finally:
             bar.close()
-            stats.model_loads = getattr(backend, "loads", 0)
-            stats.oom_backoffs = getattr(backend, "oom_backoffs", 0)
-            backend.close()
+            stats.model_loads = getattr(backend, "loads", 0) - loads
+            stats.oom_backoffs = getattr(backend, "oom_backoffs", 0) - backoffs
 
     scores = _judge_all(cfg, judge, rows, variants, texts, store, stats, make_progress)
     results: dict[Cell, CellResult] = {}
@@ -313,8 +319,7 @@ def run_adaptive(cfg: RunConfig, prompts: PromptSet, targets: Sequence[Target], 
         # so the second look's family-wise error stays at alpha/2; only the retried verdicts change.
         second = assess(result, targets, suite, cfg, baseline, alpha=cfg.alpha / 2)
         verdicts.update({t: second[t] for t in retry})
-        for name in ("generated", "new_tokens", "judged", "model_loads", "oom_backoffs", "seconds"):
-            setattr(result.stats, name, getattr(result.stats, name) + getattr(first.stats, name))
+        result.stats.absorb(first.stats)
     n_variants = len(result.variants)
     full = sum(len(prompts.by_category[c[0]]) * (cfg.max_seeds if c[1] > 0 else 1) for c in cells) * n_variants
     used = sum(len(prompts.by_category[c[0]]) * samples_of(cfg, c, more) for c in cells) * n_variants

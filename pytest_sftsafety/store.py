@@ -12,6 +12,7 @@ import json
 import sqlite3
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SftSafetyError
@@ -31,6 +32,21 @@ def content_key(*parts: object) -> str:
 
 def text_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Who works on one shard of a distributed run (see ``distributed.py``)."""
+
+    owner: str
+    host: str
+    pid: int
+    heartbeat: float
+    state: str  # running, done or failed
+    message: str | None = None
+
+
+CLAIM_RETENTION_S = 7 * 24 * 3600
 
 
 class Store:
@@ -53,6 +69,9 @@ class Store:
                                  "score INTEGER NOT NULL, created REAL NOT NULL)")
                 self._db.execute("CREATE TABLE IF NOT EXISTS file_hashes (path TEXT, size INTEGER, mtime_ns INTEGER, "
                                  "sha256 TEXT NOT NULL, PRIMARY KEY (path, size, mtime_ns))")
+                self._db.execute("CREATE TABLE IF NOT EXISTS claims (stage TEXT, shard INTEGER, owner TEXT NOT NULL, "
+                                 "host TEXT NOT NULL, pid INTEGER NOT NULL, heartbeat REAL NOT NULL, "
+                                 "state TEXT NOT NULL, message TEXT, PRIMARY KEY (stage, shard))")
                 self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
             version = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0]
         except sqlite3.DatabaseError as exc:
@@ -134,6 +153,48 @@ class Store:
     def put_file_hashes(self, hashes: Mapping[tuple[str, int, int], str]) -> None:
         self._put("INSERT OR REPLACE INTO file_hashes VALUES (?, ?, ?, ?)",
                   [(*key, digest) for key, digest in hashes.items()])
+
+    # -- shard claims of distributed runs ------------------------------------------------------------
+    def claims(self, stage: str) -> dict[int, Claim]:
+        try:
+            rows = self._db.execute("SELECT shard, owner, host, pid, heartbeat, state, message FROM claims "
+                                    "WHERE stage = ?", (stage,)).fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise self._explain(exc) from None
+        return {shard: Claim(*rest) for shard, *rest in rows}
+
+    def try_claim(self, stage: str, shard: int, owner: str, host: str, pid: int, expected: Claim | None) -> bool:
+        """Take the shard if its claim is still ``expected`` (None: unclaimed); atomic across processes."""
+        try:
+            with self._transaction():
+                row = self._db.execute("SELECT owner, host, pid, heartbeat, state, message FROM claims "
+                                       "WHERE stage = ? AND shard = ?", (stage, shard)).fetchone()
+                if (Claim(*row) if row else None) != expected:
+                    return False
+                now = time.time()
+                if expected is None:  # a new stage: drop claims of runs long gone
+                    self._db.execute("DELETE FROM claims WHERE heartbeat < ?", (now - CLAIM_RETENTION_S,))
+                self._db.execute("INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?, ?, ?, 'running', NULL)",
+                                 (stage, shard, owner, host, pid, now))
+                return True
+        except sqlite3.DatabaseError as exc:
+            raise self._explain(exc) from None
+
+    def finish_claim(self, stage: str, shard: int, owner: str, state: str, message: str | None = None) -> None:
+        try:
+            with self._transaction():
+                self._db.execute("UPDATE claims SET state = ?, message = ?, heartbeat = ? WHERE stage = ? AND "
+                                 "shard = ? AND owner = ?", (state, message, time.time(), stage, shard, owner))
+        except sqlite3.DatabaseError as exc:
+            raise self._explain(exc) from None
+
+    def heartbeat(self, owner: str) -> None:
+        try:
+            with self._transaction():
+                self._db.execute("UPDATE claims SET heartbeat = ? WHERE owner = ? AND state = 'running'",
+                                 (time.time(), owner))
+        except sqlite3.DatabaseError as exc:
+            raise self._explain(exc) from None
 
     def counts(self) -> dict[str, int]:
         return {table: self._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]

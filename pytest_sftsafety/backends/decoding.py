@@ -87,7 +87,8 @@ def decode(model, prompts: Sequence[Sequence[int]], row_prompt: Sequence[int], t
     logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                    use_cache=True, logits_to_keep=1).logits[:, -1, :]
     select = torch.tensor(list(row_prompt), device=device)
-    cache.batch_select_indices(select)
+    # Index the cache with CPU indices: under --gpus-per-worker its layers live on several GPUs.
+    cache.batch_select_indices(select.cpu())
     logits, mask, last_position = logits[select], mask[select], positions[select, -1]
     temps = torch.tensor(list(temperatures), device=device, dtype=torch.float32)
     seed_tensor = torch.tensor([s & ((1 << 63) - 1) for s in seeds], device=device, dtype=torch.int64)
@@ -106,7 +107,7 @@ def decode(model, prompts: Sequence[Sequence[int]], row_prompt: Sequence[int], t
             keep = (~done).nonzero().flatten()
             if keep.numel() == 0:
                 break
-            cache.batch_select_indices(keep)
+            cache.batch_select_indices(keep.cpu())
             active, tokens, mask = active[keep], tokens[keep], mask[keep]
             last_position, temps, seed_tensor = last_position[keep], temps[keep], seed_tensor[keep]
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)

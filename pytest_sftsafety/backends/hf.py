@@ -49,6 +49,7 @@ class HFBackend:
         self.plan = plan
         self.device = pick_device(cfg.device)
         self.dtype = pick_dtype(cfg.dtype, self.device)
+        self.spread = self.device == "cuda" and cfg.gpus_per_worker > 1
         self._model = None
         self._tokenizer = None
         self._loaded: str | None = None  # "adapters" or a checkpoint spec
@@ -63,6 +64,8 @@ class HFBackend:
         kwargs: dict = {"dtype": self.dtype, "trust_remote_code": self.cfg.trust_remote_code}
         if not pickle_weights:
             kwargs["use_safetensors"] = True
+        if self.spread:
+            kwargs["device_map"] = "auto"  # over the GPUs this process may see (--gpus-per-worker)
         if self.cfg.load_in_4bit:
             try:
                 import bitsandbytes  # noqa: F401
@@ -73,18 +76,19 @@ class HFBackend:
 
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=self.dtype)
-            kwargs["device_map"] = {"": self.device}
+            kwargs.setdefault("device_map", {"": self.device})
         return kwargs
 
     def _load_full(self, source: str, label: str, pickle_weights: bool):
         from transformers import AutoModelForCausalLM
 
+        kwargs = self._load_kwargs(pickle_weights)
         try:
-            model = AutoModelForCausalLM.from_pretrained(source, **self._load_kwargs(pickle_weights))
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         except Exception as exc:
             raise ModelLoadError(f"{label} {source}: weights failed to load ({_short(exc)}); check that the "
                                  f"checkpoint is complete and matches its config.json") from None
-        if not self.cfg.load_in_4bit:
+        if "device_map" not in kwargs:
             model.to(self.device)
         model.eval()
         self.loads += 1

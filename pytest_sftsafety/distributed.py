@@ -1,0 +1,284 @@
+"""One run over several processes (pytest-xdist workers): GPU pinning, shards of the work claimed
+through the result store, and a barrier so that every worker judges the whole run.
+
+Each worker claims the shard with its own index and generates it in one batched pass. A worker that
+is done early takes shards nobody has claimed yet; the shard of a worker that died (its process is
+gone, or its heartbeat stopped) or failed is taken over and continues from the batches that worker
+committed. When every shard is done, each worker reads the whole run from the store, so all of them,
+and the controller, reach the same verdicts. Nothing here imports torch or pytest.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError
+from .store import Claim, Store
+
+HEARTBEAT_S = 5.0
+STALE_AFTER_S = 120.0  # a claim whose owner has not beaten for this long is taken over
+POLL_S = 0.25
+
+Cell = tuple[int, float]
+
+
+@dataclass(frozen=True)
+class Worker:
+    """This process's place in an xdist run."""
+
+    id: str  # gw0, gw1, ... (a replacement for a crashed worker gets a new id)
+    index: int
+    count: int
+    run_uid: str  # shared by every worker of one pytest invocation
+
+
+def worker_from_input(workerinput: Mapping[str, object]) -> Worker:
+    worker_id = str(workerinput["workerid"])
+    digits = worker_id[2:] if worker_id.startswith("gw") else ""
+    return Worker(id=worker_id, index=int(digits) if digits.isdigit() else 0,
+                  count=int(workerinput.get("workercount", 1)),  # type: ignore[arg-type]
+                  run_uid=str(workerinput.get("testrunuid", "")))
+
+
+# -- GPUs ------------------------------------------------------------------------------------------
+def visible_gpus(environ: Mapping[str, str] | None = None, dev: Path = Path("/dev")) -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES entries: the caller's mask when set (CUDA
+    stops reading it at the first invalid entry such as -1), else one index per NVIDIA device node."""
+    environ = os.environ if environ is None else environ
+    mask = environ.get("CUDA_VISIBLE_DEVICES")
+    if mask is not None:
+        devices = []
+        for entry in (part.strip() for part in mask.split(",")):
+            if not entry or entry.startswith("-"):
+                break
+            devices.append(entry)
+        return devices
+    nodes = [p for p in dev.glob("nvidia[0-9]*") if p.name[6:].isdigit()]
+    return [str(i) for i in range(len(nodes))]
+
+
+def gpu_groups(devices: Sequence[str], per_worker: int) -> list[tuple[str, ...]]:
+    """Consecutive groups of ``per_worker`` devices; devices left over at the end are not used."""
+    return [tuple(devices[i:i + per_worker]) for i in range(0, len(devices) - per_worker + 1, per_worker)]
+
+
+def check_gpu_workers(devices: Sequence[str], per_worker: int, workers: int) -> list[tuple[str, ...]]:
+    """The GPU groups for ``workers`` processes, or a one-line error when the mask has too few devices."""
+    groups = gpu_groups(devices, per_worker)
+    if workers > len(groups):
+        mask = ",".join(devices) if devices else "(none)"
+        fits = f"-n {len(groups)} (or -n auto)" if groups else f"--gpus-per-worker {max(1, len(devices))}"
+        raise ConfigError(f"{workers} worker(s) x --gpus-per-worker {per_worker} need {workers * per_worker} GPUs, "
+                          f"but the visible devices are {mask}; use {fits}, or --device cpu")
+    return groups
+
+
+class GpuAllocator:
+    """Hands GPU groups to workers as they start and takes them back when they go down, so a worker
+    that replaces a crashed one gets the crashed one's GPUs."""
+
+    def __init__(self, groups: Sequence[tuple[str, ...]]) -> None:
+        self._free = list(groups)
+        self._order = list(groups)
+        self._held: dict[str, tuple[str, ...]] = {}
+
+    def assign(self, worker_id: str) -> tuple[str, ...]:
+        if worker_id in self._held:
+            return self._held[worker_id]
+        if not self._free:
+            raise ConfigError(f"no free GPU group for worker {worker_id}: every group is in use")
+        group = self._free.pop(0)
+        self._held[worker_id] = group
+        return group
+
+    def release(self, worker_id: str) -> None:
+        group = self._held.pop(worker_id, None)
+        if group is not None:
+            self._free.append(group)
+            self._free.sort(key=self._order.index)
+
+
+def auto_workers(gpu_group_count: int, cpus: int) -> int:
+    """Workers for ``-n auto``: one per GPU group; on CPU one per two cores, since a worker's decode
+    loop keeps about two cores busy (see ci/bench_xdist.py)."""
+    if gpu_group_count:
+        return gpu_group_count
+    return max(1, cpus // 2)
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return os.cpu_count() or 1
+
+
+# -- shards ----------------------------------------------------------------------------------------
+def shard_cells(cells: Sequence[Cell], cost: Callable[[Cell], int], shards: int) -> list[list[Cell]]:
+    """Whole categories (all their temperatures) dealt to at most ``shards`` groups of about equal cost,
+    largest first (LPT). Deterministic, so every worker computes the same shards."""
+    by_category: dict[int, list[Cell]] = {}
+    for cell in cells:
+        by_category.setdefault(cell[0], []).append(cell)
+    count = max(1, min(shards, len(by_category)))
+    loads = [0] * count
+    out: list[list[Cell]] = [[] for _ in range(count)]
+    for _, group in sorted(by_category.items(), key=lambda kv: (-sum(cost(c) for c in kv[1]), kv[0])):
+        target = min(range(count), key=lambda j: (loads[j], j))
+        out[target].extend(group)
+        loads[target] += sum(cost(c) for c in group)
+    return out
+
+
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs on this host (a zombie, killed but not yet reaped, counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
+
+
+def claimable(claim: Claim | None, host: str, now: float, stale_after_s: float = STALE_AFTER_S) -> bool:
+    """A shard may be taken when nobody claimed it, its owner failed, or its owner is gone."""
+    if claim is None or claim.state == "failed":
+        return True
+    if claim.state == "done":
+        return False
+    if claim.host == host and not process_alive(claim.pid):
+        return True
+    return now - claim.heartbeat > stale_after_s
+
+
+class _Heartbeat:
+    """Keeps this worker's running claims fresh from a thread (its own connection), so a long model
+    load or batch is not mistaken for a dead worker."""
+
+    def __init__(self, path: Path, owner: str, every_s: float) -> None:
+        self._path, self._owner, self._every = path, owner, every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="sftsafety-heartbeat", daemon=True)
+
+    def _beat(self) -> None:
+        store = Store(self._path)
+        try:
+            while not self._stop.wait(self._every):
+                store.heartbeat(self._owner)
+        finally:
+            store.close()
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_shards(store: Store, stage: str, shards: int, worker: Worker, work: Callable[[int], object],
+               poll_s: float = POLL_S, stale_after_s: float = STALE_AFTER_S,
+               heartbeat_s: float = HEARTBEAT_S) -> list[object]:
+    """Claim and run shards of ``stage`` (own index first, then any claimable one) until every shard is
+    done; return what ``work`` returned for the shards run here. A shard whose work raises is marked
+    failed, so another worker can take it over, and the error propagates."""
+    host, pid = socket.gethostname(), os.getpid()
+    order = [(worker.index + k) % shards for k in range(shards)]
+    results: list[object] = []
+    with _Heartbeat(store.path, worker.id, heartbeat_s):
+        while True:
+            claims = store.claims(stage)
+            if all(s in claims and claims[s].state == "done" for s in range(shards)):
+                return results
+            now = time.time()
+            shard = next((s for s in order if claimable(claims.get(s), host, now, stale_after_s)), None)
+            if shard is None:
+                time.sleep(poll_s)
+                continue
+            if not store.try_claim(stage, shard, worker.id, host, pid, claims.get(shard)):
+                continue  # another worker was quicker
+            try:
+                results.append(work(shard))
+            except BaseException as exc:
+                store.finish_claim(stage, shard, worker.id, "failed", f"{type(exc).__name__}: {exc}"[:500])
+                raise
+            store.finish_claim(stage, shard, worker.id, "done")
+
+
+# -- what a worker sends to the controller ---------------------------------------------------------
+STAT_FIELDS = ("generations", "generated", "new_tokens", "judged", "model_loads", "oom_backoffs", "seconds")
+
+
+def encode_result(result, nodeids: Mapping[tuple, str], verdicts: Mapping[tuple, object]) -> dict:
+    """A worker's run as plain lists (what xdist can send): outcomes of every cell, its tests in
+    collection order, its verdicts (for the controller's cross-check) and its own work."""
+    return {
+        "cells": [[cell[0], cell[1], r.reference.astype(int).tolist(), r.candidates.astype(int).tolist()]
+                  for cell, r in result.cells.items()],
+        "variants": list(result.variants),
+        "judge_id": result.judge_id,
+        "tests": [[list(target), nodeid] for target, nodeid in nodeids.items()],
+        "verdicts": [[list(target), getattr(v, "status", None)] for target, v in verdicts.items()],
+        "stats": {name: getattr(result.stats, name) for name in STAT_FIELDS},
+    }
+
+
+def decode_results(payloads: Sequence[Mapping], prompts) -> tuple[object, list[tuple], dict[tuple, str]]:
+    """The run the workers measured, with their work summed: (RunResult, tests in order, node ids).
+
+    Every worker read the whole run from the store, so their outcomes must agree; a disagreement is a
+    bug and raises rather than reporting one worker's view."""
+    import numpy as np
+
+    from .errors import SftSafetyError
+    from .runner import CellResult, RunResult, RunStats
+
+    first = payloads[0]
+    for other in payloads[1:]:
+        if other["cells"] != first["cells"] or other["tests"] != first["tests"]:
+            raise SftSafetyError("workers measured different outcomes for the same run; re-run without -n and "
+                                 "report this as a bug")
+    cells = {}
+    for category_id, temperature, reference, candidates in first["cells"]:
+        cells[(category_id, temperature)] = CellResult(
+            category=prompts.suite.category(category_id), temperature=temperature,
+            question_ids=[p.question_id for p in prompts.by_category[category_id]],
+            reference=np.asarray(reference, dtype=np.int8), candidates=np.asarray(candidates, dtype=np.int8))
+    stats = RunStats(generations=first["stats"]["generations"])
+    for payload in payloads:
+        stats.absorb(RunStats(**{k: v for k, v in payload["stats"].items() if k != "generations"}))
+    stats.seconds = max(p["stats"]["seconds"] for p in payloads)  # the workers ran side by side
+    tests = [tuple(target) for target, _ in first["tests"]]
+    nodeids = {tuple(target): nodeid for target, nodeid in first["tests"]}
+    return RunResult(cells=cells, variants=first["variants"], judge_id=first["judge_id"], stats=stats), tests, nodeids
+
+
+def sliced_stage(result, cfg, baseline=None) -> Callable:
+    """A ``run_stage`` for ``runner.run_adaptive`` that reads a finished run instead of generating: a
+    stage's samples are the first ones of each cell, since a sample's seed depends only on its index."""
+    from .runner import CellResult, RunResult, RunStats, samples_of
+
+    def stage(cells: Sequence[Cell], extra_samples: Mapping[Cell, int] | None) -> object:
+        out = {}
+        for cell in cells:
+            full = result.cells[cell]
+            n = samples_of(cfg, cell, extra_samples)
+            out[cell] = CellResult(category=full.category, temperature=full.temperature,
+                                   question_ids=full.question_ids,
+                                   reference=full.reference if baseline is not None else full.reference[..., :n],
+                                   candidates=full.candidates[..., :n])
+        return RunResult(cells=out, variants=result.variants, judge_id=result.judge_id, stats=RunStats())
+
+    return stage
