@@ -59,7 +59,7 @@ class Store:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None)
             self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
-            self._db.execute("PRAGMA journal_mode=WAL")
+            self._enable_wal()
             self._db.execute("PRAGMA synchronous=NORMAL")
             with self._transaction():
                 self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
@@ -82,6 +82,20 @@ class Store:
         if version != SCHEMA_VERSION:
             raise StoreError(f"result store {self.path} has format {version}, this version reads {SCHEMA_VERSION}; "
                              f"move the file away or pass --sftsafety-store NEW_PATH")
+
+    def _enable_wal(self) -> None:
+        """Switch to WAL (persistent in the file). SQLite answers a concurrent switch with "locked" at once,
+        without waiting for the busy timeout, which processes opening a new store together all do."""
+        deadline = time.monotonic() + self.busy_timeout_s
+        while True:
+            try:
+                if self._db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                    self._db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
 
     def _explain(self, exc: sqlite3.DatabaseError) -> StoreError:
         text = str(exc)

@@ -45,6 +45,31 @@ def test_concurrent_writers_from_several_processes_lose_nothing(tmp_path):
     assert store.get_generations(["3-39-24"]) == {"3-39-24": ("text 3 39 24", 24)}
 
 
+def _open_together(path: str, start: float) -> str:
+    import time
+
+    while time.time() < start:  # line the processes up on the same instant
+        pass
+    try:
+        Store(path).close()
+    except StoreError as exc:
+        return str(exc)
+    return "ok"
+
+
+def test_processes_creating_a_new_store_together_all_open_it(tmp_path):
+    """xdist workers open a store nobody created yet at the same moment; SQLite refuses a concurrent
+    switch to WAL at once, without its busy timeout, which once failed one worker in a few runs."""
+    import time
+
+    context = multiprocessing.get_context("fork")
+    with context.Pool(4) as pool:
+        for round_ in range(12):
+            path = str(tmp_path / f"new-{round_}.sqlite")
+            start = time.time() + 0.2
+            assert pool.starmap(_open_together, [(path, start)] * 4) == ["ok"] * 4
+
+
 def test_damaged_file_is_reported_not_replaced(tmp_path):
     path = tmp_path / "store.sqlite"
     path.write_bytes(b"this is not a database, but it may be someone's results" * 100)
