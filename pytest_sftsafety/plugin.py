@@ -80,6 +80,7 @@ class SftSafetySession:
         # that does everything; the xdist controller runs no items and takes the workers' results.
         self.worker = worker_from_input(config.workerinput) if hasattr(config, "workerinput") else None
         self.gpu_allocator = None  # the controller's, when workers get GPUs
+        self.watcher = None  # the controller's progress lines
         self.worker_payloads: list[dict[str, Any]] = []
         self.worker_info: dict[str, dict[str, Any]] = {}
         self._backend_instance = None
@@ -371,6 +372,16 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
     return auto_workers(groups, available_cpus())
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    state = session.config.stash.get(SESSION_KEY, None)
+    if state is not None and _distributing(session.config):
+        from .progress import StoreWatcher
+
+        state.watcher = StoreWatcher(session.config, state.store_path())
+        session.config.pluginmanager.register(state.watcher, "sftsafety-store-watcher")
+        state.watcher.start()
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node) -> None:
     """Controller: give a starting worker its GPUs (a replacement gets those of the worker it replaces)."""
@@ -481,6 +492,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         if state.result is not None:
             session.config.workeroutput["sftsafety"] = state.worker_payload()
         return  # the controller writes the reports once
+    if state.watcher is not None:
+        state.watcher.stop()
     if state.worker_payloads:
         state.take_worker_results()
     if state.result is None:

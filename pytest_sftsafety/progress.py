@@ -59,3 +59,58 @@ class TerminalProgress:
                 self._bar.close()
         elif self.mode == "lines" and self.done and self._printed != self.done:
             self._line()
+
+
+class StoreWatcher:
+    """The xdist controller's progress: its workers' items finish only once their shards are stored, so
+    while they generate, a line every LINE_EVERY_S says how many answers they have stored so far."""
+
+    def __init__(self, config: Any, store_path: Any) -> None:
+        import threading
+
+        self._path = store_path
+        self._reporter = config.pluginmanager.getplugin("terminalreporter")
+        capman = config.pluginmanager.getplugin("capturemanager")
+        self._uncaptured = capman.global_and_fixture_disabled if capman else nullcontext
+        self._quiet = config.get_verbosity() < 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="sftsafety-progress", daemon=True)
+
+    def start(self) -> None:
+        if self._reporter is not None and not self._quiet:
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def pytest_runtest_logreport(self, report: Any) -> None:
+        """Items finish only once everything is generated; from then on pytest's own progress shows."""
+        if report.when == "call":
+            self.stop()
+
+    def _watch(self) -> None:
+        from pathlib import Path
+
+        from .store import Store, StoreError
+
+        started, wall = time.time(), time.monotonic()
+        store = None
+        try:
+            while not self._stop.wait(LINE_EVERY_S):
+                if store is None:
+                    if not Path(self._path).is_file():
+                        continue
+                    store = Store(self._path)
+                answers = store.generated_since(started)
+                elapsed = max(time.monotonic() - wall, 1e-9)
+                if not self._stop.is_set():
+                    with self._uncaptured():
+                        self._reporter.write_line(f"sftsafety: the workers have stored {answers} new answers "
+                                                  f"({answers / elapsed:.1f}/s)")
+        except StoreError:
+            pass  # the workers report store problems themselves
+        finally:
+            if store is not None:
+                store.close()

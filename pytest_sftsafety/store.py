@@ -210,6 +210,12 @@ class Store:
         except sqlite3.DatabaseError as exc:
             raise self._explain(exc) from None
 
+    def generated_since(self, moment: float) -> int:
+        try:
+            return self._db.execute("SELECT COUNT(*) FROM generations WHERE created >= ?", (moment,)).fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            raise self._explain(exc) from None
+
     def counts(self) -> dict[str, int]:
         return {table: self._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
                 for table in ("generations", "judgments")}

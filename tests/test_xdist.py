@@ -71,10 +71,14 @@ def run(pytester, toy_models, *args):
                               str(toy_models.data_202503), *ARGS, *args)
 
 
-def test_two_workers_give_the_single_process_report_and_load_the_model_once_each(pytester, toy_models):
+def test_two_workers_give_the_single_process_report_and_load_the_model_once_each(pytester, toy_models,
+                                                                                   monkeypatch):
+    import pytest_sftsafety.progress as progress
+
+    monkeypatch.setattr(progress, "LINE_EVERY_S", 0.2)
     single = run(pytester, toy_models, "--sftsafety-store", "single.sqlite", "--sftsafety-json", "single.json")
     double = run(pytester, toy_models, "-n", "2", "--sftsafety-store", "double.sqlite", "--sftsafety-json",
-                 "double.json")
+                 "double.json", "-v")  # -v undoes ARGS' -q, which silences progress lines
     assert single.ret == double.ret == pytest.ExitCode.TESTS_FAILED
     assert single.parseoutcomes() == double.parseoutcomes()
     one = json.loads((pytester.path / "single.json").read_text())
@@ -85,7 +89,10 @@ def test_two_workers_give_the_single_process_report_and_load_the_model_once_each
     assert all(w["model_loads"] == 1 for w in workers.values())
     assert all(w["generated"] > 0 for w in workers.values())  # both did a share, nothing twice:
     assert sum(w["generated"] for w in workers.values()) == two["run"]["generations"] == 440 * 3 * 2
-    double.stdout.fnmatch_lines(["*sftsafety*", "SORRY-Bench 2025-03: 98 tests, * regressions*"])
+    # While the workers generate, the controller says how far they are.
+    double.stdout.fnmatch_lines(["sftsafety: the workers have stored * new answers (*/s)", "*sftsafety*",
+                                 "SORRY-Bench 2025-03: 98 tests, * regressions*"])
+    assert "Loading weights" not in double.stdout.str()  # no loading bars in the captured output
     assert "JSON report:" in double.stdout.str()
 
     # The same run again over the two workers' store: nothing to generate, same report.

@@ -81,13 +81,19 @@ class HFBackend:
 
     def _load_full(self, source: str, label: str, pickle_weights: bool):
         from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
 
         kwargs = self._load_kwargs(pickle_weights)
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # its bar would land in the captured output of every failed item
         try:
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         except Exception as exc:
             raise ModelLoadError(f"{label} {source}: weights failed to load ({_short(exc)}); check that the "
                                  f"checkpoint is complete and matches its config.json") from None
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
         if "device_map" not in kwargs:
             model.to(self.device)
         model.eval()
