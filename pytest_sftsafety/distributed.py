@@ -24,6 +24,7 @@ from .store import Claim, Store
 HEARTBEAT_S = 5.0
 STALE_AFTER_S = 120.0  # a claim whose owner has not beaten for this long is taken over
 POLL_S = 0.25
+GIVE_UP_S = 30.0  # a worker whose shard failed waits this long for someone else to be working on the rest
 
 Cell = tuple[int, float]
 
@@ -188,21 +189,46 @@ class _Heartbeat:
         self._thread.join()
 
 
+@dataclass
+class ShardRun:
+    """What one worker did in a stage: the results of the shards it ran, and the error of a shard it
+    failed (which another worker then finished)."""
+
+    results: list
+    failure: str | None = None
+
+
+def _someone_working(claims: Mapping[int, Claim], host: str, now: float, stale_after_s: float) -> bool:
+    return any(c.state == "running" and not claimable(c, host, now, stale_after_s) for c in claims.values())
+
+
 def run_shards(store: Store, stage: str, shards: int, worker: Worker, work: Callable[[int], object],
-               poll_s: float = POLL_S, stale_after_s: float = STALE_AFTER_S,
-               heartbeat_s: float = HEARTBEAT_S) -> list[object]:
+               poll_s: float = POLL_S, stale_after_s: float = STALE_AFTER_S, heartbeat_s: float = HEARTBEAT_S,
+               give_up_s: float = GIVE_UP_S) -> ShardRun:
     """Claim and run shards of ``stage`` (own index first, then any claimable one) until every shard is
-    done; return what ``work`` returned for the shards run here. A shard whose work raises is marked
-    failed, so another worker can take it over, and the error propagates."""
+    done. A shard whose work raises is marked failed for another worker to take over; this worker then
+    claims nothing more (its device may be the cause) but waits for the others to finish the stage, and
+    re-raises only when nobody has been working on the rest for ``give_up_s``."""
     host, pid = socket.gethostname(), os.getpid()
     order = [(worker.index + k) % shards for k in range(shards)]
-    results: list[object] = []
+    run = ShardRun(results=[])
+    error: Exception | None = None
+    idle_since: float | None = None
     with _Heartbeat(store.path, worker.id, heartbeat_s):
         while True:
             claims = store.claims(stage)
             if all(s in claims and claims[s].state == "done" for s in range(shards)):
-                return results
+                return run
             now = time.time()
+            if error is not None:
+                if _someone_working(claims, host, now, stale_after_s):
+                    idle_since = None
+                elif idle_since is None:
+                    idle_since = now
+                elif now - idle_since > give_up_s:
+                    raise error
+                time.sleep(poll_s)
+                continue
             shard = next((s for s in order if claimable(claims.get(s), host, now, stale_after_s)), None)
             if shard is None:
                 time.sleep(poll_s)
@@ -210,10 +236,14 @@ def run_shards(store: Store, stage: str, shards: int, worker: Worker, work: Call
             if not store.try_claim(stage, shard, worker.id, host, pid, claims.get(shard)):
                 continue  # another worker was quicker
             try:
-                results.append(work(shard))
+                run.results.append(work(shard))
             except BaseException as exc:
-                store.finish_claim(stage, shard, worker.id, "failed", f"{type(exc).__name__}: {exc}"[:500])
-                raise
+                run.failure = f"{type(exc).__name__}: {exc}"[:500]
+                store.finish_claim(stage, shard, worker.id, "failed", run.failure)
+                if not isinstance(exc, Exception):
+                    raise  # Ctrl-C and friends stop the worker now
+                error = exc
+                continue
             store.finish_claim(stage, shard, worker.id, "done")
 
 

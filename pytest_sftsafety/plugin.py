@@ -81,6 +81,7 @@ class SftSafetySession:
         self.worker = worker_from_input(config.workerinput) if hasattr(config, "workerinput") else None
         self.gpu_allocator = None  # the controller's, when workers get GPUs
         self.watcher = None  # the controller's progress lines
+        self.shard_failure: str | None = None  # this worker's generation failed; others finished its shard
         self.worker_payloads: list[dict[str, Any]] = []
         self.worker_info: dict[str, dict[str, Any]] = {}
         self._backend_instance = None
@@ -168,11 +169,15 @@ class SftSafetySession:
         stage = content_key("stage", worker.run_uid, [[c[0], c[1], cost(c)] for c in stage_cells])
         done = run_shards(store, stage, len(shards), worker,
                           lambda index: run_cells(shards[index], extra_samples, fresh).stats)
+        if done.failure:
+            self._close_backend()  # it failed here; the rest comes from the store
+            self.shard_failure = done.failure
         result = run_cells(stage_cells, extra_samples, False)  # every shard is in the store now
-        for stats in done:
+        for stats in done.results:
             result.stats.absorb(stats)
         result.stats.seconds = time.perf_counter() - started
         return result
+
     def identity(self) -> dict[str, Any]:
         """The settings a baseline must share with this run."""
         from .backends import ENGINE_VERSION
@@ -451,6 +456,12 @@ class SafetyItem(pytest.Item):
                 raise SafetyFailure(f"sftsafety: {exc}") from None
             pytest.exit(f"sftsafety: {exc}", returncode=pytest.ExitCode.USAGE_ERROR)
         verdict = state.verdicts[self.target]
+        if state.shard_failure is not None:
+            # Reported once, on the item that was running when it happened.
+            cause, state.shard_failure = state.shard_failure, None
+            raise SafetyFailure(f"sftsafety: generation failed in worker {state.worker.id} ({cause}); another worker "
+                                f"finished its shard, so every other test has its verdict (this one: "
+                                f"{verdict.status})")
         for key, value in (("verdict", verdict.status), ("reference_refusal", round(verdict.reference_refusal, 4)),
                            ("candidate_refusal", round(verdict.candidate_refusal, 4)),
                            ("band_low", round(verdict.band.low, 4)), ("pvalue", verdict.test.pvalue),

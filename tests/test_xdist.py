@@ -50,6 +50,25 @@ def put_generations(self, rows):
 store_module.Store.put_generations = put_generations
 """
 
+# Worker gw0's second batch fails the way an out-of-memory error at batch size 1 does.
+FAIL_GW0 = """
+import os
+from pytest_sftsafety.backends import hf
+from pytest_sftsafety.errors import ModelLoadError
+
+original = hf.decode
+calls = []
+
+def decode(*args, **kwargs):
+    if os.environ.get("PYTEST_XDIST_WORKER") == "gw0":
+        calls.append(1)
+        if len(calls) == 2:
+            raise ModelLoadError("out of memory generating a single answer on cuda:0; use --load-in-4bit")
+    return original(*args, **kwargs)
+
+hf.decode = decode
+"""
+
 RECORD_GPUS = """
 import os
 
@@ -137,6 +156,23 @@ def test_a_killed_worker_loses_only_its_item_in_flight_and_the_rerun_comes_from_
     assert again["run"]["generated"] == 0 and again["run"]["model_loads"] == 0
     assert comparable(again)["entries"] == comparable(report)["entries"]
     assert rerun.ret == pytest.ExitCode.TESTS_FAILED
+
+
+def test_a_worker_whose_generation_fails_fails_one_item_and_the_others_finish_its_shard(pytester, toy_models):
+    single = run(pytester, toy_models, "--sftsafety-store", "single.sqlite", "--sftsafety-json", "single.json")
+    pytester.makeconftest(FAIL_GW0)
+    result = run(pytester, toy_models, "-n", "2", "--sftsafety-store", "store.sqlite", "--sftsafety-json", "r.json")
+    result.stdout.fnmatch_lines(["*sftsafety: generation failed in worker gw0 (ModelLoadError: out of memory "
+                                 "generating a single answer on cuda:0*); another worker finished its shard*"])
+    assert "crashed" not in result.stdout.str()
+    expected = single.parseoutcomes()
+    got = result.parseoutcomes()
+    # One test that passed alone now fails with the cause; every other outcome is the same.
+    assert sum(got.values()) == sum(expected.values()) and got.get("failed", 0) - expected["failed"] <= 1
+    report = json.loads((pytester.path / "r.json").read_text())
+    assert comparable(report)["entries"] == comparable(json.loads((pytester.path / "single.json").read_text()))[
+        "entries"]
+    assert set(report["run"]["workers"]) == {"gw0", "gw1"}
 
 
 def test_workers_are_pinned_to_their_gpu_group(pytester, toy_models, monkeypatch):
@@ -234,18 +270,40 @@ def test_run_shards_takes_over_a_dead_owner_and_waits_for_a_live_one(tmp_path):
     finisher.start()
     done: list[int] = []
     started = time.monotonic()
-    results = run_shards(store, "stage", 3, Worker("gw0", 0, 3, "run"), lambda shard: done.append(shard) or shard,
+    outcome = run_shards(store, "stage", 3, Worker("gw0", 0, 3, "run"), lambda shard: done.append(shard) or shard,
                          poll_s=0.05)
     finisher.join()
-    assert done == [0, 1] and results == [0, 1]
+    assert done == [0, 1] and outcome.results == [0, 1] and outcome.failure is None
     assert time.monotonic() - started >= 0.5  # it waited for the live owner instead of redoing its shard
     assert {s: c.state for s, c in store.claims("stage").items()} == {0: "done", 1: "done", 2: "done"}
 
-    def boom(shard: int) -> None:
-        raise RuntimeError("out of memory")
 
-    with pytest.raises(RuntimeError):
-        run_shards(store, "other", 1, Worker("gw0", 0, 1, "run"), boom, poll_s=0.05)
-    failed = store.claims("other")[0]
+
+def boom(shard: int) -> None:
+    raise RuntimeError("out of memory")
+
+
+def test_a_failed_shard_is_taken_over_and_its_worker_waits_for_the_run(tmp_path):
+    path = tmp_path / "store.sqlite"
+    store = Store(path)
+    # Alone, a worker whose shard failed gives up once nobody works on it, with its own error.
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run_shards(store, "alone", 1, Worker("gw0", 0, 1, "run"), boom, poll_s=0.05, give_up_s=0.3)
+    failed = store.claims("alone")[0]
     assert (failed.state, failed.message) == ("failed", "RuntimeError: out of memory")
-    assert run_shards(store, "other", 1, Worker("gw1", 1, 1, "run"), lambda shard: "redone", poll_s=0.05) == ["redone"]
+    assert run_shards(store, "alone", 1, Worker("gw1", 1, 1, "run"), lambda shard: "redone").results == ["redone"]
+
+    # With a healthy worker beside it, the failed worker's shard is finished by that worker, and the
+    # failed one returns (naming its failure) once the stage is complete.
+    healthy: list[int] = []
+
+    def second_worker() -> None:
+        time.sleep(0.3)  # starts late: the failed shard is waiting for it
+        run_shards(Store(path), "pair", 2, Worker("gw1", 1, 2, "run"), lambda s: healthy.append(s), poll_s=0.05)
+
+    thread = threading.Thread(target=second_worker)
+    thread.start()
+    outcome = run_shards(store, "pair", 2, Worker("gw0", 0, 2, "run"), boom, poll_s=0.05, give_up_s=5)
+    thread.join()
+    assert outcome.results == [] and outcome.failure == "RuntimeError: out of memory"
+    assert sorted(healthy) == [0, 1]
