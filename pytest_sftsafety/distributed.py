@@ -24,7 +24,10 @@ from .store import Claim, Store
 HEARTBEAT_S = 5.0
 STALE_AFTER_S = 120.0  # a claim whose owner has not beaten for this long is taken over
 POLL_S = 0.25
-GIVE_UP_S = 30.0  # a worker whose shard failed waits this long for someone else to be working on the rest
+# A worker whose shard failed waits for someone else to work on the rest: TAKEOVER_WAIT_S for a waiting
+# worker to pick a failed shard up, GIVE_UP_S while a shard is unclaimed (its worker may still be starting).
+TAKEOVER_WAIT_S = 3.0
+GIVE_UP_S = 30.0
 
 Cell = tuple[int, float]
 
@@ -204,11 +207,12 @@ def _someone_working(claims: Mapping[int, Claim], host: str, now: float, stale_a
 
 def run_shards(store: Store, stage: str, shards: int, worker: Worker, work: Callable[[int], object],
                poll_s: float = POLL_S, stale_after_s: float = STALE_AFTER_S, heartbeat_s: float = HEARTBEAT_S,
-               give_up_s: float = GIVE_UP_S) -> ShardRun:
+               give_up_s: float = GIVE_UP_S, takeover_wait_s: float = TAKEOVER_WAIT_S) -> ShardRun:
     """Claim and run shards of ``stage`` (own index first, then any claimable one) until every shard is
     done. A shard whose work raises is marked failed for another worker to take over; this worker then
     claims nothing more (its device may be the cause) but waits for the others to finish the stage, and
-    re-raises only when nobody has been working on the rest for ``give_up_s``."""
+    re-raises when nobody works on the rest: for ``takeover_wait_s`` when every shard was claimed (all
+    workers failed alike), for ``give_up_s`` while a shard is unclaimed."""
     host, pid = socket.gethostname(), os.getpid()
     order = [(worker.index + k) % shards for k in range(shards)]
     run = ShardRun(results=[])
@@ -225,7 +229,7 @@ def run_shards(store: Store, stage: str, shards: int, worker: Worker, work: Call
                     idle_since = None
                 elif idle_since is None:
                     idle_since = now
-                elif now - idle_since > give_up_s:
+                elif now - idle_since > (give_up_s if len(claims) < shards else takeover_wait_s):
                     raise error
                 time.sleep(poll_s)
                 continue

@@ -69,6 +69,15 @@ def decode(*args, **kwargs):
 hf.decode = decode
 """
 
+HEAVY_MODULES = """
+import os, sys
+
+def pytest_sessionfinish(session):
+    heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "peft"))
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    open(f"heavy_{worker}.txt", "w").write("\\n".join(heavy))
+"""
+
 RECORD_GPUS = """
 import os
 
@@ -114,11 +123,17 @@ def test_two_workers_give_the_single_process_report_and_load_the_model_once_each
     assert "Loading weights" not in double.stdout.str()  # no loading bars in the captured output
     assert "JSON report:" in double.stdout.str()
 
-    # The same run again over the two workers' store: nothing to generate, same report.
-    warm = run(pytester, toy_models, "-n", "2", "--sftsafety-store", "double.sqlite", "--sftsafety-json", "warm.json")
+    # The same run again over the two workers' store: nothing to generate, same report, and no process
+    # (controller or worker) imports torch.
+    pytester.makeconftest(HEAVY_MODULES)
+    warm = pytester.runpytest_subprocess("--model", str(toy_models.answer_all), "--sftsafety-data",
+                                         str(toy_models.data_202503), *ARGS, "-n", "2", "--sftsafety-store",
+                                         "double.sqlite", "--sftsafety-json", "warm.json")
     assert warm.ret == pytest.ExitCode.TESTS_FAILED
     again = json.loads((pytester.path / "warm.json").read_text())
     assert again["run"]["generated"] == 0 and comparable(again)["entries"] == comparable(two)["entries"]
+    for process in ("main", "gw0", "gw1"):
+        assert (pytester.path / f"heavy_{process}.txt").read_text() == "", process
 
 
 def test_adaptive_seeding_over_workers_matches_one_process(pytester, toy_models):
@@ -178,14 +193,18 @@ def test_a_worker_whose_generation_fails_fails_one_item_and_the_others_finish_it
 def test_workers_are_pinned_to_their_gpu_group(pytester, toy_models, monkeypatch):
     pytester.makeconftest(RECORD_GPUS)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,7")
-    result = run(pytester, toy_models, "-n", "2", "--device", "cuda", "-k", "overall", "--sftsafety-store",
-                 "store.sqlite")
-    assert (pytester.path / "gpus_gw0.txt").read_text() == "3"
-    assert (pytester.path / "gpus_gw1.txt").read_text() == "5"
+    # -n auto: one worker per GPU (-v undoes ARGS' -q, which hides xdist's worker count).
+    auto = run(pytester, toy_models, "-n", "auto", "--device", "cuda", "-k", "overall", "-v")
+    auto.stdout.fnmatch_lines(["created: 3/3 workers"])
+    assert [(pytester.path / f"gpus_gw{i}.txt").read_text() for i in range(3)] == ["3", "5", "7"]
     assert (pytester.path / "gpus_main.txt").read_text() == "3,5,7"  # the controller's mask is untouched
-    # This torch build has no CUDA: every item fails with the cause, no worker crashes.
-    result.stdout.fnmatch_lines(["*this torch build cannot use CUDA*"])
-    assert "crashed" not in result.stdout.str()
+    # This torch build has no CUDA: the items fail with the cause, no worker crashes.
+    auto.stdout.fnmatch_lines(["*this torch build cannot use CUDA*"])
+    assert "crashed" not in auto.stdout.str()
+    paired = run(pytester, toy_models, "-n", "auto", "--gpus-per-worker", "2", "--device", "cuda", "-k",
+                 "overall and T0.7", "-v")
+    paired.stdout.fnmatch_lines(["created: 1/1 worker"])
+    assert (pytester.path / "gpus_gw0.txt").read_text() == "3,5"
 
     too_many = run(pytester, toy_models, "-n", "2", "--gpus-per-worker", "2", "--device", "cuda")
     assert too_many.ret == pytest.ExitCode.USAGE_ERROR
@@ -286,9 +305,13 @@ def boom(shard: int) -> None:
 def test_a_failed_shard_is_taken_over_and_its_worker_waits_for_the_run(tmp_path):
     path = tmp_path / "store.sqlite"
     store = Store(path)
-    # Alone, a worker whose shard failed gives up once nobody works on it, with its own error.
+    # Alone, a worker whose shard failed gives up once nobody takes it over, with its own error; every
+    # shard was claimed, so it does not wait for a worker that may still be starting (give_up_s).
+    started = time.monotonic()
     with pytest.raises(RuntimeError, match="out of memory"):
-        run_shards(store, "alone", 1, Worker("gw0", 0, 1, "run"), boom, poll_s=0.05, give_up_s=0.3)
+        run_shards(store, "alone", 1, Worker("gw0", 0, 1, "run"), boom, poll_s=0.05, give_up_s=60,
+                   takeover_wait_s=0.3)
+    assert time.monotonic() - started < 10
     failed = store.claims("alone")[0]
     assert (failed.state, failed.message) == ("failed", "RuntimeError: out of memory")
     assert run_shards(store, "alone", 1, Worker("gw1", 1, 1, "run"), lambda shard: "redone").results == ["redone"]
