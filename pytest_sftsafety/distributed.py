@@ -39,15 +39,22 @@ class Worker:
     id: str  # gw0, gw1, ... (a replacement for a crashed worker gets a new id)
     index: int
     count: int
-    run_uid: str  # shared by every worker of one pytest invocation
+    run_uid: str  # one pytest invocation: made by the controller, shared by its workers
+
+    @property
+    def owner(self) -> str:
+        """This worker's name in the store's claims, unique across runs that share the store."""
+        return f"{self.id}@{self.run_uid}"
 
 
 def worker_from_input(workerinput: Mapping[str, object]) -> Worker:
     worker_id = str(workerinput["workerid"])
     digits = worker_id[2:] if worker_id.startswith("gw") else ""
+    # The controller's own id for the run (xdist's testrunuid can be fixed across runs with --testrunuid).
+    run_uid = workerinput.get("sftsafety_run") or f"{workerinput.get('testrunuid', '')}:{os.getppid()}"
     return Worker(id=worker_id, index=int(digits) if digits.isdigit() else 0,
                   count=int(workerinput.get("workercount", 1)),  # type: ignore[arg-type]
-                  run_uid=str(workerinput.get("testrunuid", "")))
+                  run_uid=str(run_uid))
 
 
 # -- GPUs ------------------------------------------------------------------------------------------
@@ -83,29 +90,16 @@ def check_gpu_workers(devices: Sequence[str], per_worker: int, workers: int) -> 
     return groups
 
 
-class GpuAllocator:
-    """Hands GPU groups to workers as they start and takes them back when they go down, so a worker
-    that replaces a crashed one gets the crashed one's GPUs."""
-
-    def __init__(self, groups: Sequence[tuple[str, ...]]) -> None:
-        self._free = list(groups)
-        self._order = list(groups)
-        self._held: dict[str, tuple[str, ...]] = {}
-
-    def assign(self, worker_id: str) -> tuple[str, ...]:
-        if worker_id in self._held:
-            return self._held[worker_id]
-        if not self._free:
-            raise ConfigError(f"no free GPU group for worker {worker_id}: every group is in use")
-        group = self._free.pop(0)
-        self._held[worker_id] = group
-        return group
-
-    def release(self, worker_id: str) -> None:
-        group = self._held.pop(worker_id, None)
-        if group is not None:
-            self._free.append(group)
-            self._free.sort(key=self._order.index)
+def pin_worker_specs(specs: Sequence[str], groups: Sequence[tuple[str, ...]]) -> list[str]:
+    """xdist's worker specs with each plain ``popen`` worker given its GPU group through execnet's
+    ``env:`` option: the variable is set when the worker process starts, before it imports anything, and
+    a worker that replaces a crashed one reuses the crashed one's spec, so it gets the same GPUs."""
+    pinned, groups_left = [], list(groups)
+    for spec in specs:
+        if spec == "popen" and groups_left:
+            spec = f"popen//env:CUDA_VISIBLE_DEVICES={','.join(groups_left.pop(0))}"
+        pinned.append(spec)
+    return pinned
 
 
 def auto_workers(gpu_group_count: int, cpus: int) -> int:
@@ -176,12 +170,19 @@ class _Heartbeat:
         self._thread = threading.Thread(target=self._beat, name="sftsafety-heartbeat", daemon=True)
 
     def _beat(self) -> None:
-        store = Store(self._path)
+        from .store import StoreError
+
+        store = None
         try:
             while not self._stop.wait(self._every):
-                store.heartbeat(self._owner)
+                try:
+                    store = store or Store(self._path)
+                    store.heartbeat(self._owner, os.getpid())
+                except StoreError:
+                    continue  # a busy or briefly unreadable store: beat again next time
         finally:
-            store.close()
+            if store is not None:
+                store.close()
 
     def __enter__(self) -> _Heartbeat:
         self._thread.start()
@@ -207,18 +208,22 @@ def _someone_working(claims: Mapping[int, Claim], host: str, now: float, stale_a
 
 def run_shards(store: Store, stage: str, shards: int, worker: Worker, work: Callable[[int], object],
                poll_s: float = POLL_S, stale_after_s: float = STALE_AFTER_S, heartbeat_s: float = HEARTBEAT_S,
-               give_up_s: float = GIVE_UP_S, takeover_wait_s: float = TAKEOVER_WAIT_S) -> ShardRun:
+               give_up_s: float = GIVE_UP_S, takeover_wait_s: float = TAKEOVER_WAIT_S,
+               failed_before: str | None = None) -> ShardRun:
     """Claim and run shards of ``stage`` (own index first, then any claimable one) until every shard is
     done. A shard whose work raises is marked failed for another worker to take over; this worker then
     claims nothing more (its device may be the cause) but waits for the others to finish the stage, and
     re-raises when nobody works on the rest: for ``takeover_wait_s`` when every shard was claimed (all
-    workers failed alike), for ``give_up_s`` while a shard is unclaimed."""
+    workers failed alike), for ``give_up_s`` while a shard is unclaimed. ``failed_before``: this worker
+    failed in an earlier stage, so it only waits in this one."""
+    from .errors import SftSafetyError
+
     host, pid = socket.gethostname(), os.getpid()
     order = [(worker.index + k) % shards for k in range(shards)]
     run = ShardRun(results=[])
-    error: Exception | None = None
+    error: Exception | None = None if failed_before is None else SftSafetyError(failed_before)
     idle_since: float | None = None
-    with _Heartbeat(store.path, worker.id, heartbeat_s):
+    with _Heartbeat(store.path, worker.owner, heartbeat_s):
         while True:
             claims = store.claims(stage)
             if all(s in claims and claims[s].state == "done" for s in range(shards)):
@@ -237,18 +242,18 @@ def run_shards(store: Store, stage: str, shards: int, worker: Worker, work: Call
             if shard is None:
                 time.sleep(poll_s)
                 continue
-            if not store.try_claim(stage, shard, worker.id, host, pid, claims.get(shard)):
+            if not store.try_claim(stage, shard, worker.owner, host, pid, claims.get(shard)):
                 continue  # another worker was quicker
             try:
                 run.results.append(work(shard))
             except BaseException as exc:
                 run.failure = f"{type(exc).__name__}: {exc}"[:500]
-                store.finish_claim(stage, shard, worker.id, "failed", run.failure)
+                store.finish_claim(stage, shard, worker.owner, "failed", run.failure)
                 if not isinstance(exc, Exception):
                     raise  # Ctrl-C and friends stop the worker now
                 error = exc
                 continue
-            store.finish_claim(stage, shard, worker.id, "done")
+            store.finish_claim(stage, shard, worker.owner, "done")
 
 
 # -- what a worker sends to the controller ---------------------------------------------------------

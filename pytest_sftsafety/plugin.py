@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -79,9 +80,10 @@ class SftSafetySession:
         # An xdist worker (its slice of the run, then the whole run from the store) or the process
         # that does everything; the xdist controller runs no items and takes the workers' results.
         self.worker = worker_from_input(config.workerinput) if hasattr(config, "workerinput") else None
-        self.gpu_allocator = None  # the controller's, when workers get GPUs
+        self.run_nonce = uuid.uuid4().hex  # the controller's id for this run, handed to its workers
         self.watcher = None  # the controller's progress lines
-        self.shard_failure: str | None = None  # this worker's generation failed; others finished its shard
+        self.failed_here: str | None = None  # this worker's generation failed (others finished its shard)
+        self.unreported_failure: str | None = None  # ... and no item has said so yet
         self.worker_payloads: list[dict[str, Any]] = []
         self.worker_info: dict[str, dict[str, Any]] = {}
         self._backend_instance = None
@@ -122,10 +124,10 @@ class SftSafetySession:
                     warnings.simplefilter("ignore", FutureWarning)
                     judge = make_judge(self.cfg.judge)
 
-                    def run_cells(stage_cells, extra_samples, fresh):
+                    def run_cells(stage_cells, extra_samples, fresh, stats=None, generate=True):
                         return run(dataclasses.replace(self.cfg, fresh=fresh), self.prompts, stage_cells,
-                                   self.models, self._backend, judge, store, self._progress, self.baseline,
-                                   extra_samples)
+                                   self.models, self._backend if generate else _nothing_to_generate, judge,
+                                   store, self._progress, self.baseline, extra_samples, stats)
 
                     def run_stage(stage_cells, extra_samples):
                         # A second, adaptive stage reuses the first stage's samples even under --sftsafety-fresh.
@@ -156,7 +158,7 @@ class SftSafetySession:
         import time
 
         from .distributed import run_shards, shard_cells
-        from .runner import samples_of
+        from .runner import RunStats, samples_of
         from .store import content_key
 
         started = time.perf_counter()
@@ -165,15 +167,21 @@ class SftSafetySession:
         def cost(cell):
             return len(self.prompts.by_category[cell[0]]) * samples_of(self.cfg, cell, extra_samples)
 
-        shards = shard_cells(stage_cells, cost, worker.count)
+        # Twice as many shards as workers, so a worker that is done early can take work off slower ones.
+        shards = shard_cells(stage_cells, cost, 2 * worker.count)
         stage = content_key("stage", worker.run_uid, [[c[0], c[1], cost(c)] for c in stage_cells])
-        done = run_shards(store, stage, len(shards), worker,
-                          lambda index: run_cells(shards[index], extra_samples, fresh).stats)
+        shard_stats: list = []
+
+        def work(index: int) -> None:
+            shard_stats.append(RunStats())  # filled batch by batch, so a failed shard's work counts too
+            run_cells(shards[index], extra_samples, fresh, shard_stats[-1])
+
+        done = run_shards(store, stage, len(shards), worker, work, failed_before=self.failed_here)
         if done.failure:
             self._close_backend()  # it failed here; the rest comes from the store
-            self.shard_failure = done.failure
-        result = run_cells(stage_cells, extra_samples, False)  # every shard is in the store now
-        for stats in done.results:
+            self.failed_here = self.unreported_failure = done.failure
+        result = run_cells(stage_cells, extra_samples, False, None, generate=False)  # all stored now
+        for stats in shard_stats:
             result.stats.absorb(stats)
         result.stats.seconds = time.perf_counter() - started
         return result
@@ -214,6 +222,8 @@ class SftSafetySession:
 
                 torch.set_num_threads(max(1, available_cpus() // max(1, self.worker.count)))
             self._backend_instance = HFBackend(self.cfg, self.models)
+            if self.worker is not None and self._backend_instance.device == "cuda":
+                _check_pinned_gpus(self.worker.id)
         return self._backend_instance
 
     def _close_backend(self) -> None:
@@ -224,8 +234,9 @@ class SftSafetySession:
     def worker_payload(self) -> dict[str, Any]:
         from .distributed import encode_result
 
-        payload = encode_result(self.result, self.nodeids, self.verdicts)
+        payload = encode_result(self.result, self.nodeids, self.verdicts) if self.result is not None else {}
         payload["worker"] = self.worker.id if self.worker else ""
+        payload["error"] = self.error
         payload["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
         return payload
 
@@ -236,6 +247,9 @@ class SftSafetySession:
 
         payloads = [p for p in self.worker_payloads if p.get("cells") is not None]
         if not payloads:
+            errors = [p["error"] for p in self.worker_payloads if p.get("error")]
+            if errors:  # every worker failed, as a single process would have: a usage error
+                self.report_error = errors[0]
             return
         try:
             result, targets, nodeids = decode_results(payloads, self.prompts)
@@ -280,6 +294,24 @@ class SftSafetySession:
         )
 
 
+def _nothing_to_generate():
+    """The backend of a worker's final read: every shard is stored by then, so needing a model is a bug."""
+    raise SftSafetyError("answers were missing after every worker finished its shards; re-run (the store keeps "
+                         "what was done) and report this as a bug")
+
+
+def _check_pinned_gpus(worker_id: str) -> None:
+    """A worker must see exactly the GPUs of its group; otherwise CUDA read the mask too early."""
+    import torch
+
+    from .distributed import visible_gpus
+
+    given = visible_gpus()
+    if torch.cuda.device_count() != len(given):
+        raise SftSafetyError(f"worker {worker_id} was given GPUs {','.join(given)} but CUDA reports "
+                             f"{torch.cuda.device_count()}; something initialised CUDA before the mask applied")
+
+
 def _register_domain_markers(config: pytest.Config, domains: dict[str, str]) -> None:
     known = {line.split(":")[0] for line in config.getini("markers")}
     for domain in domains:
@@ -295,34 +327,31 @@ def _distributing(config: pytest.Config) -> int:
 
 
 def _pin_gpus(config: pytest.Config, state: SftSafetySession) -> None:
-    """Choose the GPUs of this process before anything creates a CUDA context: a worker takes the group
-    the controller gave it; a single process with --gpus-per-worker K takes the first K visible ones."""
+    """Choose each process's GPUs. Under xdist the controller writes every worker's group into its
+    worker spec, so the worker process starts with it; a single process with --gpus-per-worker K takes
+    the first K visible GPUs (before anything of this run touches CUDA)."""
     from .config import resolved_device
-    from .distributed import GpuAllocator, check_gpu_workers, visible_gpus
+    from .distributed import check_gpu_workers, pin_worker_specs, visible_gpus
 
     workers = _distributing(config)
     device = resolved_device(state.cfg.device)
-    if not device.startswith("cuda"):
+    if not device.startswith("cuda") or hasattr(config, "workerinput"):
         return
     if workers and device != "cuda":
         raise SftSafetyError(f"--device {device} names one GPU, but with -n each worker gets its own; use --device "
                              f"cuda (or auto) and CUDA_VISIBLE_DEVICES to choose the GPUs")
-    if hasattr(config, "workerinput"):
-        gpus = config.workerinput.get("sftsafety_gpus")
-    elif workers:
-        state.gpu_allocator = GpuAllocator(check_gpu_workers(visible_gpus(), state.cfg.gpus_per_worker, workers))
+    if workers:
+        groups = check_gpu_workers(visible_gpus(), state.cfg.gpus_per_worker, workers)
+        config.option.tx = pin_worker_specs(config.getoption("tx"), groups)
         return
-    elif state.cfg.gpus_per_worker > 1:
-        gpus = ",".join(check_gpu_workers(visible_gpus(), state.cfg.gpus_per_worker, 1)[0])
-    else:
-        return
-    if gpus is None:
-        return
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_initialized():
-        raise SftSafetyError("CUDA was initialised before pytest-sftsafety could pick this process's GPUs (a "
-                             "conftest or plugin used the GPU at import); move that use into a fixture")
-    os.environ["CUDA_VISIBLE_DEVICES"] = gpus
+    if state.cfg.gpus_per_worker > 1:
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_initialized():
+            raise SftSafetyError("CUDA was initialised before pytest-sftsafety could pick the GPUs for "
+                                 "--gpus-per-worker (a conftest or plugin used the GPU at import); set "
+                                 "CUDA_VISIBLE_DEVICES yourself instead")
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(
+            check_gpu_workers(visible_gpus(), state.cfg.gpus_per_worker, 1)[0])
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -389,23 +418,33 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node) -> None:
-    """Controller: give a starting worker its GPUs (a replacement gets those of the worker it replaces)."""
+    """Controller: tell a starting worker which run it belongs to (its claims in the store are per run)."""
     state = node.config.stash.get(SESSION_KEY, None)
-    if state is not None and state.gpu_allocator is not None:
-        node.workerinput["sftsafety_gpus"] = ",".join(state.gpu_allocator.assign(node.gateway.id))
+    if state is not None:
+        node.workerinput["sftsafety_run"] = state.run_nonce
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node, error) -> None:
-    """Controller: keep what a finished worker measured; free its GPUs."""
+    """Controller: keep what a finished worker measured."""
     state = node.config.stash.get(SESSION_KEY, None)
-    if state is None:
-        return
-    if state.gpu_allocator is not None:
-        state.gpu_allocator.release(node.gateway.id)
     payload = getattr(node, "workeroutput", {}).get("sftsafety")
-    if payload is not None:
+    if state is not None and payload is not None:
         state.worker_payloads.append(payload)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtestloop(session: pytest.Session) -> None:
+    """A worker generates its shards before it runs items, so every worker takes part whichever items
+    xdist's scheduler sends it (--dist loadscope would send them all to one)."""
+    state = session.config.stash.get(SESSION_KEY, None)
+    if state is None or state.worker is None or session.config.option.collectonly:
+        return
+    if any(isinstance(item, SafetyItem) for item in session.items):
+        try:
+            state.ensure_results(session)
+        except Exception:
+            pass  # kept in state.error; the items report it
 
 
 class SuiteCollector(pytest.Collector):
@@ -456,9 +495,9 @@ class SafetyItem(pytest.Item):
                 raise SafetyFailure(f"sftsafety: {exc}") from None
             pytest.exit(f"sftsafety: {exc}", returncode=pytest.ExitCode.USAGE_ERROR)
         verdict = state.verdicts[self.target]
-        if state.shard_failure is not None:
-            # Reported once, on the item that was running when it happened.
-            cause, state.shard_failure = state.shard_failure, None
+        if state.unreported_failure is not None:
+            # Reported once, on the first item this worker runs.
+            cause, state.unreported_failure = state.unreported_failure, None
             raise SafetyFailure(f"sftsafety: generation failed in worker {state.worker.id} ({cause}); another worker "
                                 f"finished its shard, so every other test has its verdict (this one: "
                                 f"{verdict.status})")
@@ -500,7 +539,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if state is None:
         return
     if state.worker is not None:
-        if state.result is not None:
+        if state.result is not None or state.error is not None:
             session.config.workeroutput["sftsafety"] = state.worker_payload()
         return  # the controller writes the reports once
     if state.watcher is not None:
@@ -508,6 +547,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if state.worker_payloads:
         state.take_worker_results()
     if state.result is None:
+        if state.report_error:  # every worker failed on a usage-type error: the status a single process gives
+            session.exitstatus = pytest.ExitCode.USAGE_ERROR
         return
     try:
         if state.cfg.json:

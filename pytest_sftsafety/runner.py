@@ -124,14 +124,16 @@ def plan_rows(cfg: RunConfig, prompts: PromptSet, cells: Sequence[Cell],
 
 def run(cfg: RunConfig, prompts: PromptSet, cells: Sequence[Cell], plan: ModelPlan, backend_factory: Callable,
         judge, store: Store, progress: ProgressFactory | None = None, baseline: Baseline | None = None,
-        extra_samples: Mapping[Cell, int] | None = None) -> RunResult:
+        extra_samples: Mapping[Cell, int] | None = None, stats: RunStats | None = None) -> RunResult:
     """Generate and judge everything ``cells`` need for the candidates and the reference (or, with a
-    baseline, for the candidates only: the baseline's checkpoints are the reference)."""
+    baseline, for the candidates only: the baseline's checkpoints are the reference). ``stats``, when
+    given, is filled as the work goes, so it counts what was done even if the run raises."""
     started = time.perf_counter()
     make_progress = progress or (lambda total, label: _Silent())
     variants = [f"candidate:{i}" for i in range(len(plan.candidates))] + ([] if baseline else ["reference"])
     slots, rows = plan_rows(cfg, prompts, cells, extra_samples)
-    stats = RunStats(generations=len(rows) * len(variants))
+    stats = stats if stats is not None else RunStats()
+    stats.generations = len(rows) * len(variants)
 
     hashes = store.file_hashes()
     known = dict(hashes)

@@ -202,11 +202,11 @@ class Store:
         except sqlite3.DatabaseError as exc:
             raise self._explain(exc) from None
 
-    def heartbeat(self, owner: str) -> None:
+    def heartbeat(self, owner: str, pid: int) -> None:
         try:
             with self._transaction():
-                self._db.execute("UPDATE claims SET heartbeat = ? WHERE owner = ? AND state = 'running'",
-                                 (time.time(), owner))
+                self._db.execute("UPDATE claims SET heartbeat = ? WHERE owner = ? AND pid = ? AND state = 'running'",
+                                 (time.time(), owner, pid))
         except sqlite3.DatabaseError as exc:
             raise self._explain(exc) from None
 

@@ -13,11 +13,11 @@ import time
 import pytest
 
 from pytest_sftsafety.distributed import (
-    GpuAllocator,
     Worker,
     auto_workers,
     check_gpu_workers,
     claimable,
+    pin_worker_specs,
     process_alive,
     run_shards,
     shard_cells,
@@ -105,8 +105,9 @@ def test_two_workers_give_the_single_process_report_and_load_the_model_once_each
 
     monkeypatch.setattr(progress, "LINE_EVERY_S", 0.2)
     single = run(pytester, toy_models, "--sftsafety-store", "single.sqlite", "--sftsafety-json", "single.json")
-    double = run(pytester, toy_models, "-n", "2", "--sftsafety-store", "double.sqlite", "--sftsafety-json",
-                 "double.json", "-v")  # -v undoes ARGS' -q, which silences progress lines
+    # --dist loadscope sends every item to one worker: both must still generate a share.
+    double = run(pytester, toy_models, "-n", "2", "--dist", "loadscope", "--sftsafety-store", "double.sqlite",
+                 "--sftsafety-json", "double.json", "-v")  # -v undoes ARGS' -q, which silences progress lines
     assert single.ret == double.ret == pytest.ExitCode.TESTS_FAILED
     assert single.parseoutcomes() == double.parseoutcomes()
     one = json.loads((pytester.path / "single.json").read_text())
@@ -128,12 +129,18 @@ def test_two_workers_give_the_single_process_report_and_load_the_model_once_each
     pytester.makeconftest(HEAVY_MODULES)
     warm = pytester.runpytest_subprocess("--model", str(toy_models.answer_all), "--sftsafety-data",
                                          str(toy_models.data_202503), *ARGS, "-n", "2", "--sftsafety-store",
-                                         "double.sqlite", "--sftsafety-json", "warm.json")
+                                         "double.sqlite", "--sftsafety-json", "warm.json", "--testrunuid", "same")
     assert warm.ret == pytest.ExitCode.TESTS_FAILED
     again = json.loads((pytester.path / "warm.json").read_text())
     assert again["run"]["generated"] == 0 and comparable(again)["entries"] == comparable(two)["entries"]
     for process in ("main", "gw0", "gw1"):
         assert (pytester.path / f"heavy_{process}.txt").read_text() == "", process
+    # xdist's run id can be fixed across runs; --sftsafety-fresh must still regenerate everything.
+    pytester.makeconftest("")
+    fresh = run(pytester, toy_models, "-n", "2", "--sftsafety-store", "double.sqlite", "--sftsafety-json",
+                "fresh.json", "--testrunuid", "same", "--sftsafety-fresh")
+    assert fresh.ret == pytest.ExitCode.TESTS_FAILED
+    assert json.loads((pytester.path / "fresh.json").read_text())["run"]["generated"] == 440 * 3 * 2
 
 
 def test_adaptive_seeding_over_workers_matches_one_process(pytester, toy_models):
@@ -188,6 +195,9 @@ def test_a_worker_whose_generation_fails_fails_one_item_and_the_others_finish_it
     assert comparable(report)["entries"] == comparable(json.loads((pytester.path / "single.json").read_text()))[
         "entries"]
     assert set(report["run"]["workers"]) == {"gw0", "gw1"}
+    # gw0's batch before the failure counts, and nothing was generated twice.
+    assert report["run"]["workers"]["gw0"]["generated"] > 0
+    assert sum(w["generated"] for w in report["run"]["workers"].values()) == 440 * 3 * 2
 
 
 def test_workers_are_pinned_to_their_gpu_group(pytester, toy_models, monkeypatch):
@@ -198,9 +208,11 @@ def test_workers_are_pinned_to_their_gpu_group(pytester, toy_models, monkeypatch
     auto.stdout.fnmatch_lines(["created: 3/3 workers"])
     assert [(pytester.path / f"gpus_gw{i}.txt").read_text() for i in range(3)] == ["3", "5", "7"]
     assert (pytester.path / "gpus_main.txt").read_text() == "3,5,7"  # the controller's mask is untouched
-    # This torch build has no CUDA: the items fail with the cause, no worker crashes.
+    # This torch build has no CUDA: the items fail with the cause, no worker crashes, and since every
+    # worker failed to load, the run ends as a single process would: a usage error.
     auto.stdout.fnmatch_lines(["*this torch build cannot use CUDA*"])
     assert "crashed" not in auto.stdout.str()
+    assert auto.ret == pytest.ExitCode.USAGE_ERROR
     paired = run(pytester, toy_models, "-n", "auto", "--gpus-per-worker", "2", "--device", "cuda", "-k",
                  "overall and T0.7", "-v")
     paired.stdout.fnmatch_lines(["created: 1/1 worker"])
@@ -228,19 +240,16 @@ def test_visible_gpus_follow_the_mask_and_stop_where_cuda_stops(tmp_path):
 
 def test_gpu_groups_index_into_the_mask_and_never_past_it():
     groups = check_gpu_workers(["3", "5", "7"], 1, 2)
-    two = GpuAllocator(groups)
-    assert (two.assign("gw0"), two.assign("gw1")) == (("3",), ("5",))
+    assert pin_worker_specs(["popen", "popen"], groups) == ["popen//env:CUDA_VISIBLE_DEVICES=3",
+                                                            "popen//env:CUDA_VISIBLE_DEVICES=5"]
     assert check_gpu_workers(["3", "5", "7", "9"], 2, 2) == [("3", "5"), ("7", "9")]
+    assert pin_worker_specs(["popen", "popen"], [("3", "5"), ("7", "9")])[1] == "popen//env:CUDA_VISIBLE_DEVICES=7,9"
+    assert pin_worker_specs(["ssh=gpu-box", "popen"], [("3",), ("5",)]) == ["ssh=gpu-box",
+                                                                            "popen//env:CUDA_VISIBLE_DEVICES=3"]
     with pytest.raises(ConfigError, match=r"need 4 GPUs, but the visible devices are 3,5,7; use -n 1"):
         check_gpu_workers(["3", "5", "7"], 2, 2)
     with pytest.raises(ConfigError, match=r"visible devices are \(none\); use --gpus-per-worker 1, or --device cpu"):
         check_gpu_workers([], 1, 1)
-    allocator = GpuAllocator(check_gpu_workers(["3", "5", "7"], 1, 3))
-    assert [allocator.assign(w) for w in ("gw0", "gw1", "gw2")] == [("3",), ("5",), ("7",)]
-    allocator.release("gw1")  # gw1 crashed: its replacement gets its GPU
-    assert allocator.assign("gw3") == ("5",)
-    with pytest.raises(ConfigError, match="no free GPU group"):
-        allocator.assign("gw4")
 
 
 def test_auto_workers_one_per_gpu_group_else_one_per_two_cores():
@@ -330,3 +339,12 @@ def test_a_failed_shard_is_taken_over_and_its_worker_waits_for_the_run(tmp_path)
     thread.join()
     assert outcome.results == [] and outcome.failure == "RuntimeError: out of memory"
     assert sorted(healthy) == [0, 1]
+
+    # In a later stage the failed worker claims nothing: it waits for the others, or gives up.
+    thread = threading.Thread(target=lambda: run_shards(Store(path), "stage2", 2, Worker("gw1", 1, 2, "run"),
+                                                        lambda s: healthy.append(s), poll_s=0.05))
+    thread.start()
+    later = run_shards(store, "stage2", 2, Worker("gw0", 0, 2, "run"), boom, poll_s=0.05,
+                       failed_before="RuntimeError: out of memory")
+    thread.join()
+    assert later.results == [] and later.failure is None and sorted(healthy) == [0, 0, 1, 1]
