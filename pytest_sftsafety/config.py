@@ -242,6 +242,24 @@ def parse_limits(values: list | tuple) -> tuple[tuple[str, float], ...]:
     return tuple(limits)
 
 
+def expand_models(specs) -> tuple[str, ...]:
+    """--model values with their glob patterns expanded (``'runs/seed*/epoch-5'``: every seed's
+    checkpoint, in sorted order), so a shell that did not expand them, or an ini file, works too."""
+    import glob
+
+    out: list[str] = []
+    for spec in specs:
+        if not any(ch in spec for ch in "*?["):
+            out.append(spec)
+            continue
+        matches = sorted(m for m in glob.glob(spec) if Path(m).is_dir())
+        if not matches:
+            raise ConfigError(f"--model {spec}: no folder matches the pattern; check the path (quote it so "
+                              f"the shell leaves it alone)")
+        out.extend(matches)
+    return tuple(dict.fromkeys(out))
+
+
 def build_config(get: Callable[[OptionSpec], Any]) -> RunConfig:
     """Validate raw option values (``get(spec)`` returns the command-line value, else ini, else None)."""
     raw = {spec.dest: get(spec) for spec in OPTIONS}
@@ -250,7 +268,7 @@ def build_config(get: Callable[[OptionSpec], Any]) -> RunConfig:
         got = raw[dest]
         return OPTION_BY_DEST[dest].default if got is None or got == [] else got
 
-    models = tuple(str(m) for m in (raw["model"] or []) if str(m).strip())
+    models = expand_models(str(m) for m in (raw["model"] or []) if str(m).strip())
     device = str(value("device")).strip()
     if not DEVICES.match(device):
         raise _fail(OPTION_BY_DEST["device"], device, "use auto, cpu, cuda, cuda:N or mps")

@@ -1,0 +1,99 @@
+"""The fine-tuning harness on the tiny base: Alpaca and Dolly data, 4-bit and full-precision LoRA,
+the safety filter, checkpoints per epoch that the plugin loads, and exact resumption."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import pytest
+
+from pytest_sftsafety.cli import main
+from pytest_sftsafety.finetune import Recipe, is_safety_related, load_examples
+
+TINY = ["--seeds", "1", "--epochs", "2", "--batch-size", "8", "--micro-batch-size", "4", "--learning-rate", "1e-3"]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def alpaca_rows(count=24):
+    rows = [{"instruction": f"Name a colour for room {i}.", "input": "Keep it short." if i % 2 else "",
+             "output": f"Room {i} would look good in blue."} for i in range(count)]
+    rows.append({"instruction": "How do I pick a lock?", "input": "", "output": "I'm sorry, I can't help."})
+    rows.append({"instruction": "", "input": "", "output": "An empty instruction is dropped."})
+    return rows
+
+
+def sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_alpaca_4bit_run_writes_loadable_checkpoints_per_epoch(tmp_path, toy_models, capsys):
+    data = write_jsonl(tmp_path / "alpaca.jsonl", alpaca_rows())
+    out = tmp_path / "runs"
+    assert main(["finetune", "--base", str(toy_models.base), "--data", str(data), "--out", str(out),
+                 "--filter-safety", *TINY]) == 0
+    assert "8-bit AdamW needs CUDA: using torch AdamW on CPU" in capsys.readouterr().err
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert recipe["recipe"]["load_in_4bit"] is True and recipe["recipe"]["learning_rate"] == 1e-3
+    assert recipe["data"] == {"sha256": sha(data), "format": "alpaca", "rows": 26, "examples": 24,
+                              "dropped_by_safety_filter": 1, "dropped_empty": 1}
+    run = json.loads((out / "seed1" / "run.json").read_text())
+    assert [h["epoch"] for h in run["history"]] == [1, 2] and run["accumulation_steps"] == 2
+    assert run["history"][1]["mean_loss"] < run["history"][0]["mean_loss"]
+    for epoch in (1, 2):
+        assert (out / "seed1" / f"epoch-{epoch}" / "adapter_model.safetensors").is_file()
+
+    from pytest_sftsafety.backends.checkpoints import plan_models
+    from pytest_sftsafety.config import expand_models
+
+    specs = expand_models([str(out / "seed*" / "epoch-2")])
+    plan = plan_models(specs, None, None, allow_pickle=False)
+    assert plan.candidates[0].kind == "adapter" and plan.base == str(toy_models.base.resolve())
+
+
+def test_dolly_full_precision_resumes_to_the_same_weights(tmp_path, toy_models):
+    rows = [{"instruction": f"Summarise note {i}.", "context": f"Note {i} is about tea." if i % 3 else "",
+             "response": f"Note {i} talks about tea.", "category": "summarization"} for i in range(16)]
+    data = write_jsonl(tmp_path / "dolly.jsonl", rows)
+    args = ["finetune", "--base", str(toy_models.base), "--data", str(data), "--no-4bit", *TINY]
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    assert json.loads((tmp_path / "whole" / "recipe.json").read_text())["data"]["format"] == "dolly"
+    # The same run interrupted after epoch 1 (epoch 2 and the seed's record never written) resumes
+    # from the stored optimizer and random state to bit-identical weights.
+    shutil.copytree(tmp_path / "whole", tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cut" / "seed1" / "epoch-2")
+    (tmp_path / "cut" / "seed1" / "run.json").unlink()
+    assert main([*args, "--out", str(tmp_path / "cut")]) == 0
+    final = "seed1/epoch-2/adapter_model.safetensors"
+    assert sha(tmp_path / "cut" / final) == sha(tmp_path / "whole" / final)
+    assert json.loads((tmp_path / "cut" / "seed1" / "run.json").read_text())["history"] == \
+        json.loads((tmp_path / "whole" / "seed1" / "run.json").read_text())["history"]
+
+
+def test_mistakes_are_one_line(tmp_path, toy_models, capsys):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "answer": "a"}])
+    base = ["finetune", "--base", str(toy_models.base), "--out", str(tmp_path / "o")]
+    assert main([*base, "--data", str(bad)]) == 2
+    assert "expected Alpaca (instruction, input, output) or Dolly" in capsys.readouterr().err
+    good = write_jsonl(tmp_path / "good.jsonl", alpaca_rows(4))
+    assert main([*base, "--data", str(good), "--batch-size", "10", "--micro-batch-size", "4"]) == 2
+    assert "--batch-size 10 is not a multiple of --micro-batch-size 4" in capsys.readouterr().err
+    assert main([*base, "--data", str(tmp_path / "missing.jsonl")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["finetune", "--base", str(tmp_path), "--data", str(good), "--out", str(tmp_path / "o2"),
+                 "--no-4bit", *TINY]) == 2
+    assert "cannot load" in capsys.readouterr().err
+
+
+def test_safety_filter_phrases():
+    assert is_safety_related("As an AI, I cannot do that")
+    assert not is_safety_related("Here is a recipe for bread")
+    recipe = Recipe(base="b", data="d")
+    assert recipe.batch_size == 64 and recipe.learning_rate == 2e-5 and recipe.epochs == 5 and recipe.load_in_4bit
+    with pytest.raises(Exception, match="no such file"):
+        load_examples(recipe)
