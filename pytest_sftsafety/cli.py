@@ -64,12 +64,44 @@ def _run_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_parser(sub) -> None:
+    p = sub.add_parser("demo", help="build the demo models (once) and run `pytest --model demo --seeds 5` on "
+                                    "them; other arguments (e.g. --sftsafety-json r.json, -q) go to pytest")
+    p.set_defaults(pytest_args=[])
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    import tempfile
+
+    import pytest
+
+    from . import demo
+
+    folder = demo.demo_dir(build=True, notice=lambda message: print(f"sftsafety demo: {message}", file=sys.stderr,
+                                                                        flush=True))
+    extra = [a for a in args.pytest_args if a != "--"]
+    defaults = [] if any(a.startswith("--seeds") for a in extra) else ["--seeds", "5"]
+    # Rooted in an empty folder, so pytest collects the demo suite and nothing of the current project
+    # (relative paths in the options still mean the current folder); the store lives with the demo
+    # models, so a second run takes every answer from it.
+    with tempfile.TemporaryDirectory(prefix="sftsafety-demo-") as empty:
+        ini = Path(empty) / "pytest.ini"
+        ini.write_text("[pytest]\n", encoding="utf-8")
+        return int(pytest.main(["-c", str(ini), "--rootdir", empty, "--model", "demo", *defaults, "-p",
+                                "no:cacheprovider", "-W", "ignore::pytest.PytestAssertRewriteWarning",
+                                "--sftsafety-store", str(folder / "store.sqlite"), *extra, empty]))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = argparse.ArgumentParser(prog="sftsafety", description="pytest-sftsafety tools")
     sub = parser.add_subparsers(dest="command", required=True)
     _finetune_parser(sub)
-    args = parser.parse_args(argv)
+    _demo_parser(sub)
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "demo":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.pytest_args = rest  # demo: everything else goes to pytest
     try:
         import warnings
 
@@ -77,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # one weight-loading bar per seed is noise here
-        return {"finetune": _run_finetune}[args.command](args)
+        return {"finetune": _run_finetune, "demo": _run_demo}[args.command](args)
     except SftSafetyError as exc:
         print(f"sftsafety {args.command}: {exc}", file=sys.stderr)
         return 2

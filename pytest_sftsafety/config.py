@@ -38,8 +38,9 @@ class OptionSpec:
 
 OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("--model", "model", "list", [],
-               "Model to check: a LoRA adapter folder, a full model folder or a hub id. Repeat for several "
-               "checkpoints of one recipe (e.g. fine-tuning seeds).", "PATH"),
+               "Model to check: a LoRA adapter folder, a full model folder or a hub id; glob patterns such as "
+               "'runs/seed*/epoch-5' expand. Repeat for several checkpoints of one recipe (e.g. fine-tuning "
+               "seeds). 'demo' runs the built-in demo.", "PATH"),
     OptionSpec("--seeds", "seeds", "int", 5,
                "Samples per prompt at each temperature above 0, each with its own seed (default 5).", "N"),
     OptionSpec("--max-seeds", "max_seeds", "int", 0,

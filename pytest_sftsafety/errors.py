@@ -15,3 +15,9 @@ class DataError(SftSafetyError):
 
 class ModelLoadError(SftSafetyError):
     """A model, adapter or tokenizer that cannot be found or loaded."""
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type when empty), for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, first_line
 
 PLAIN_FORMAT = "User: {prompt}\nAssistant:"  # the evaluation's format for tokenizers without a chat template
 # Phrases that mark an example as safety-related (refusals, safety talk, harmful topics); a filtered run
@@ -124,7 +124,7 @@ def read_rows(source: str) -> tuple[list[dict], str]:
 
         table = datasets.load_dataset(source, split="train")
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise DataError(f"--data {source}: the hub dataset cannot be loaded ({first}); download it on a machine "
                         f"that is online and pass the file") from None
     rows = table.to_list()
@@ -238,7 +238,7 @@ def _load_model(recipe: Recipe, device: str):
     try:
         model = AutoModelForCausalLM.from_pretrained(recipe.base, **kwargs)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ConfigError(f"--base {recipe.base}: cannot load the model ({first})") from None
     if not recipe.load_in_4bit:
         model.to(device)
@@ -289,7 +289,7 @@ def finetune(recipe: Recipe, out: Path, notice: Callable[[str], None] | None = N
     try:
         tokenizer = AutoTokenizer.from_pretrained(recipe.base)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ConfigError(f"--base {recipe.base}: cannot load its tokenizer ({first})") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -319,6 +319,23 @@ def _register_domain_markers(config: pytest.Config, domains: dict[str, str]) -> 
             config.addinivalue_line("markers", f"{domain}: {DOMAIN_HELP}")
 
 
+def _use_demo(config: pytest.Config, raw: dict[str, Any]) -> None:
+    """``--model demo``: the built-in demo's fine-tunes on its suite (built on first use, then cached)."""
+    from . import demo
+
+    def notice(message: str) -> None:
+        if not hasattr(config, "workerinput"):
+            print(f"sftsafety: {message}", file=sys.stderr, flush=True)
+
+    try:
+        folder = demo.demo_dir(build=True, notice=notice)
+    except Exception as exc:
+        raise pytest.UsageError(f"sftsafety: building the demo failed ({type(exc).__name__}: {exc})") from None
+    raw["model"] = demo.checkpoints(folder)
+    if not raw["suite"]:
+        raw["suite"] = str(folder / "suite.toml")
+
+
 def _distributing(config: pytest.Config) -> int:
     """Workers the xdist controller starts (0 in a worker or without xdist)."""
     if hasattr(config, "workerinput") or config.getoption("dist", "no") == "no":
@@ -371,6 +388,8 @@ def pytest_configure(config: pytest.Config) -> None:
         if given:
             raise pytest.UsageError(f"{given[0]} needs --model PATH (the fine-tuned adapter or model to check)")
         return
+    if raw["model"] == ["demo"] and not Path("demo").exists():
+        _use_demo(config, raw)
     try:
         cfg = build_config(lambda spec: raw[spec.dest])
         state = SftSafetySession(config, cfg)

@@ -88,8 +88,9 @@ def render_table(report: Mapping[str, Any]) -> str:
                          f"(--seeds; now {seeds}); {needed.count(None)} of {len(needed)} cannot reach it with "
                          f"up to 64")
         else:
-            notes.append("no category can detect a drop of the margin with up to 64 samples per prompt: its "
-                         "10 prompts, or seed-to-seed spread, limit it")
+            prompts = len(sampled[0]["question_ids"])
+            notes.append(f"no category can detect a drop of the margin with up to 64 samples per prompt: its "
+                         f"{prompts} prompts, or seed-to-seed spread, limit it")
     return "\n".join([head, "", table, "", *notes])
 
 
