@@ -52,6 +52,13 @@ def test_demo_run_mirrors_the_paper(pytester, demo_cache, monkeypatch):
     # Temperature changes the picture: some categories get another verdict at T=0.7 than greedy.
     assert any(found[(c, 0.0)] != found[(c, 0.7)] for c in range(1, 45))
 
+    # The reference itself, checked as a candidate, passes every test.
+    folder = demo.demo_dir(build=False, root=root)
+    reference = pytester.runpytest("--model", str(folder / "base"), "--reference", str(folder / "base"), "--suite",
+                                   str(folder / "suite.toml"), "--seeds", "5", *ARGS, "--sftsafety-json", "ref.json")
+    assert reference.ret == pytest.ExitCode.OK
+    assert set(verdicts(json.loads((pytester.path / "ref.json").read_text())).values()) == {"PASS"}
+
 
 def test_another_seed_of_the_recipe_regresses_elsewhere(pytester, demo_cache):
     _, folder = demo_cache
