@@ -28,6 +28,7 @@ def _finetune_parser(sub) -> None:
     p.add_argument("--micro-batch-size", type=int, default=defaults.micro_batch_size,
                    help="examples per forward pass; the rest is gradient accumulation (default 8)")
     p.add_argument("--learning-rate", type=float, default=defaults.learning_rate, help="default 2e-5")
+    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW weight decay (default 0)")
     p.add_argument("--lora-r", type=int, default=defaults.lora_r, help="LoRA rank (default 16)")
     p.add_argument("--lora-alpha", type=int, default=defaults.lora_alpha, help="LoRA alpha (default 32)")
     p.add_argument("--lora-dropout", type=float, default=defaults.lora_dropout, help="default 0.05")
@@ -36,7 +37,8 @@ def _finetune_parser(sub) -> None:
     p.add_argument("--max-length", type=int, default=defaults.max_length, help="tokens per example (default 512)")
     p.add_argument("--filter-safety", action="store_true",
                    help="drop examples whose prompt or answer contains a safety-related phrase")
-    p.add_argument("--filter-phrases", type=Path, help="phrase list for --filter-safety, one per line")
+    p.add_argument("--filter-phrases", type=Path, help="your own phrase list for the filter (one per line, matched "
+                                                          "as whole words); implies --filter-safety")
     p.add_argument("--format", default="auto", choices=("auto", "alpaca", "dolly"), help="data format")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
 
@@ -46,6 +48,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
 
     phrases = SAFETY_PHRASES
     if args.filter_phrases:
+        args.filter_safety = True  # a phrase list asks for the filter
         try:
             phrases = tuple(line.strip().lower() for line in args.filter_phrases.read_text(encoding="utf-8")
                             .splitlines() if line.strip())
@@ -55,7 +58,8 @@ def _run_finetune(args: argparse.Namespace) -> int:
         raise SftSafetyError(f"--seeds {args.seeds}: give at least 1")
     recipe = Recipe(base=args.base, data=args.data, seeds=tuple(range(1, args.seeds + 1)), epochs=args.epochs,
                     batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
-                    learning_rate=args.learning_rate, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                    learning_rate=args.learning_rate, weight_decay=args.weight_decay, lora_r=args.lora_r,
+                    lora_alpha=args.lora_alpha,
                     lora_dropout=args.lora_dropout, load_in_4bit=not args.no_4bit, max_examples=args.max_examples,
                     max_length=args.max_length, filter_safety=args.filter_safety, data_format=args.format,
                     device=args.device)
@@ -87,7 +91,10 @@ def _run_demo(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="sftsafety-demo-") as empty:
         ini = Path(empty) / "pytest.ini"
         ini.write_text("[pytest]\n", encoding="utf-8")
-        return int(pytest.main(["-c", str(ini), "--rootdir", empty, "--model", "demo", *defaults, "-p",
+        # The checkpoints by path: a folder named demo in the current directory must not stand in for them.
+        models = [arg for checkpoint in demo.checkpoints(folder) for arg in ("--model", checkpoint)]
+        return int(pytest.main(["-c", str(ini), "--rootdir", empty, *models, "--suite", str(folder / "suite.toml"),
+                                *defaults, "-p",
                                 "no:cacheprovider", "-W", "ignore::pytest.PytestAssertRewriteWarning",
                                 "--sftsafety-store", str(folder / "store.sqlite"), *extra, empty]))
 

@@ -253,7 +253,8 @@ def expand_models(specs) -> tuple[str, ...]:
         if not any(ch in spec for ch in "*?["):
             out.append(spec)
             continue
-        matches = sorted(m for m in glob.glob(spec) if Path(m).is_dir())
+        # .partial: a checkpoint folder still being written (see finetune.py)
+        matches = sorted(m for m in glob.glob(spec) if Path(m).is_dir() and not m.endswith(".partial"))
         if not matches:
             raise ConfigError(f"--model {spec}: no folder matches the pattern; check the path (quote it so "
                               f"the shell leaves it alone)")

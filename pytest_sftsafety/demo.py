@@ -115,11 +115,14 @@ def base_conversations(seed: int = 0) -> list[tuple[str, str]]:
 
 
 def recipe_key() -> str:
-    """The cache key: the recipe, the data written here, and the library versions that shape the weights."""
+    """The cache key: the recipe, the data written here, the code that trains and the library versions."""
     from importlib.metadata import version
 
+    # The code that trains counts too, so a change to it rebuilds the demo.
+    code = {name: hashlib.sha256((Path(__file__).parent / name).read_bytes()).hexdigest()
+            for name in ("demo.py", "toy.py", "finetune.py")}
     parts = {"recipe": RECIPE, "kinds": CATEGORY_KINDS, "templates": TEMPLATES, "benign": BENIGN_KINDS,
-             "answers": [REFUSALS, BENIGN_ANSWERS], "topics": BASE_TOPICS, "tool": __version__,
+             "answers": [REFUSALS, BENIGN_ANSWERS], "topics": BASE_TOPICS, "tool": __version__, "code": code,
              "libs": {name: version(name) for name in ("torch", "transformers", "peft", "tokenizers")}}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -17,11 +17,13 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -36,9 +38,10 @@ PLAIN_FORMAT = "User: {prompt}\nAssistant:"  # the evaluation's format for token
 SAFETY_PHRASES = (
     "i'm sorry", "i am sorry", "i apologize", "as an ai", "as a language model", "i cannot", "i can't",
     "i can not", "i'm not able to", "i am not able to", "i won't", "not appropriate", "inappropriate",
-    "unethical", "illegal", "harmful", "dangerous", "offensive", "violence", "violent", "weapon", "explosive",
-    "drug", "suicide", "self-harm", "kill", "murder", "hate", "racist", "sexist", "abuse", "terror",
-    "steal", "fraud", "hack", "porn", "explicit",
+    "unethical", "illegal", "harmful", "dangerous", "offensive", "violence", "violent", "weapon", "weapons",
+    "explosive", "explosives", "bomb", "drug", "drugs", "suicide", "self-harm", "kill", "kills", "killing",
+    "murder", "hate", "hatred", "racist", "sexist", "abuse", "terror", "terrorism", "terrorist", "steal",
+    "stealing", "fraud", "hack", "hacking", "porn", "pornography", "sexually explicit",
 )
 FORMATS = {"alpaca": ("instruction", "input", "output"), "dolly": ("instruction", "context", "response")}
 
@@ -52,6 +55,7 @@ class Recipe:
     batch_size: int = 64
     micro_batch_size: int = 8
     learning_rate: float = 2e-5
+    weight_decay: float = 0.0
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
@@ -71,6 +75,8 @@ class Recipe:
         if self.batch_size % self.micro_batch_size:
             raise ConfigError(f"--batch-size {self.batch_size} is not a multiple of --micro-batch-size "
                               f"{self.micro_batch_size}; choose sizes that divide")
+        if not 0 <= self.weight_decay < 1:
+            raise ConfigError(f"--weight-decay {self.weight_decay}: use a value in [0, 1)")
         if not 0 < self.learning_rate < 1:
             raise ConfigError(f"--learning-rate {self.learning_rate}: use a value in (0, 1), e.g. 2e-5")
         if self.data_format not in ("auto", *FORMATS):
@@ -146,8 +152,14 @@ def detect_format(rows: Sequence[dict], wanted: str = "auto") -> str:
 
 
 def is_safety_related(text: str, phrases: Sequence[str] = SAFETY_PHRASES) -> bool:
-    lowered = text.lower()
-    return any(phrase in lowered for phrase in phrases)
+    """Whether any phrase occurs as whole words ("hate" in "I hate", not in "whatever")."""
+    pattern = _phrase_pattern(tuple(phrases))
+    return pattern.search(text.lower().replace("\u2019", "'")) is not None
+
+
+@functools.lru_cache(maxsize=8)
+def _phrase_pattern(phrases: tuple[str, ...]) -> re.Pattern[str]:
+    return re.compile("|".join(rf"(?<!\w){re.escape(p)}(?!\w)" for p in phrases))
 
 
 def load_examples(recipe: Recipe, phrases: Sequence[str] = SAFETY_PHRASES) -> Examples:
@@ -211,12 +223,13 @@ def _optimizer(params, recipe: Recipe, device: str, notice: Callable[[str], None
         try:
             import bitsandbytes as bnb
 
-            return bnb.optim.AdamW8bit(params, lr=recipe.learning_rate), "AdamW8bit (bitsandbytes)"
+            return (bnb.optim.AdamW8bit(params, lr=recipe.learning_rate, weight_decay=recipe.weight_decay),
+                    "AdamW8bit (bitsandbytes)")
         except ImportError:
             notice("bitsandbytes is not installed: using torch AdamW instead of 8-bit AdamW")
     else:
         notice("8-bit AdamW needs CUDA: using torch AdamW on CPU (same update rule, full-precision state)")
-    return torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=0.0), "AdamW (torch)"
+    return torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=recipe.weight_decay), "AdamW (torch)"
 
 
 def _load_model(recipe: Recipe, device: str):
@@ -274,16 +287,23 @@ def finetune(recipe: Recipe, out: Path, notice: Callable[[str], None] | None = N
     examples = load_examples(recipe, phrases)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    recipe_record = {"recipe": asdict(recipe), "data": {"sha256": examples.sha256, "format": examples.data_format,
+    # What must match for checkpoints to belong together: all of the recipe but the seeds (each seed is its own
+    # run, so more can be added later) and the device (the optimizer actually used is checked on resume).
+    shared = {k: v for k, v in asdict(recipe).items() if k not in ("seeds", "device")}
+    if recipe.filter_safety:
+        shared["filter_phrases_sha256"] = hashlib.sha256("\n".join(phrases).encode()).hexdigest()
+    recipe_record = {"recipe": shared, "data": {"sha256": examples.sha256, "format": examples.data_format,
                                                          "rows": examples.rows, "examples": len(examples.pairs),
                                                          "dropped_by_safety_filter": examples.dropped_by_filter,
                                                          "dropped_empty": examples.dropped_empty}}
     recipe_record = json.loads(json.dumps(recipe_record))  # as it reads back (tuples become lists)
     recipe_file = out / "recipe.json"
-    if recipe_file.is_file():
+    trained = any(_complete(epoch) for epoch in out.glob("seed*/epoch-*"))
+    if trained and recipe_file.is_file():
         previous = json.loads(recipe_file.read_text(encoding="utf-8"))
         if previous != recipe_record:
-            raise ConfigError(f"{out} holds a run of another recipe or data (see {recipe_file}); choose a new --out")
+            raise ConfigError(f"{out} holds checkpoints of another recipe or data (see {recipe_file}); choose a new "
+                              f"--out")
     recipe_file.write_text(json.dumps(recipe_record, indent=2) + "\n", encoding="utf-8")
 
     try:
@@ -301,8 +321,8 @@ def finetune(recipe: Recipe, out: Path, notice: Callable[[str], None] | None = N
         seed_dir = out / f"seed{seed}"
         final = seed_dir / f"epoch-{recipe.epochs}"
         finals.append(final)
-        if _complete(final):
-            continue
+        if _complete(final) and (seed_dir / "run.json").is_file():
+            continue  # done (a complete last epoch without its record is picked up below, training nothing)
         started = time.perf_counter()
         torch.manual_seed(seed)
         model = get_peft_model(_load_model(recipe, device), LoraConfig(
@@ -317,6 +337,9 @@ def finetune(recipe: Recipe, out: Path, notice: Callable[[str], None] | None = N
             last = seed_dir / f"epoch-{done[0]}"
             set_peft_model_state_dict(model, load_file(str(last / "adapter_model.safetensors")))
             state = torch.load(last / "training_state.pt", weights_only=False)
+            if state.get("optimizer_name", optimizer_name) != optimizer_name:
+                raise ConfigError(f"{last} was trained with {state['optimizer_name']}, this machine would continue "
+                                  f"with {optimizer_name}; resume where it started, or choose a new --out")
             optimizer.load_state_dict(state["optimizer"])
             torch.set_rng_state(state["torch_rng"])
             if state.get("cuda_rng") is not None:
@@ -344,7 +367,7 @@ def finetune(recipe: Recipe, out: Path, notice: Callable[[str], None] | None = N
             history.append({"epoch": epoch, "steps": steps, "mean_loss": sum(losses) / len(losses),
                             "last_loss": losses[-1]})
             epoch_dir = seed_dir / f"epoch-{epoch}"
-            _save_epoch(model, tokenizer, epoch_dir, recipe.base, optimizer, history)
+            _save_epoch(model, tokenizer, epoch_dir, recipe.base, optimizer, optimizer_name, history)
         model.eval()
         record = {"seed": seed, "device": device, "optimizer": optimizer_name, "accumulation_steps": accumulation,
                   "examples": len(encoded), "history": history, "seconds": round(time.perf_counter() - started, 3),
@@ -368,7 +391,8 @@ def _summed_loss(model, tokenizer, part: Sequence[tuple[list[int], list[int]]], 
                                              ignore_index=-100, reduction="sum")
 
 
-def _save_epoch(model, tokenizer, epoch_dir: Path, base: str, optimizer, history: list[dict]) -> None:
+def _save_epoch(model, tokenizer, epoch_dir: Path, base: str, optimizer, optimizer_name: str,
+                history: list[dict]) -> None:
     """Adapter, tokenizer and training state, written to a temporary folder and renamed into place, so a
     folder that exists is complete."""
     import shutil
@@ -381,7 +405,8 @@ def _save_epoch(model, tokenizer, epoch_dir: Path, base: str, optimizer, history
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+    torch.save({"optimizer": optimizer.state_dict(), "optimizer_name": optimizer_name,
+                "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "history": history}, partial / "training_state.pt")
     if Path(base).is_dir():  # relative to the partial folder, which sits beside the final one: the same path

@@ -320,8 +320,16 @@ def _register_domain_markers(config: pytest.Config, domains: dict[str, str]) -> 
 
 
 def _use_demo(config: pytest.Config, raw: dict[str, Any]) -> None:
-    """``--model demo``: the built-in demo's fine-tunes on its suite (built on first use, then cached)."""
+    """``--model demo``: the built-in demo's fine-tunes on its suite (built on first use, then cached).
+    The demo brings its own suite, prompts and reference, so a project's settings for those are left out
+    (and refused when given on the command line)."""
     from . import demo
+
+    for dest in ("suite", "data", "reference", "base_model"):
+        spec = next(s for s in OPTIONS if s.dest == dest)
+        if config.getoption(f"sftsafety_{dest}") is not None:
+            raise pytest.UsageError(f"--model demo brings its own suite, prompts and reference; drop {spec.flag}")
+        raw[dest] = None
 
     def notice(message: str) -> None:
         if not hasattr(config, "workerinput"):
@@ -332,8 +340,7 @@ def _use_demo(config: pytest.Config, raw: dict[str, Any]) -> None:
     except Exception as exc:
         raise pytest.UsageError(f"sftsafety: building the demo failed ({type(exc).__name__}: {exc})") from None
     raw["model"] = demo.checkpoints(folder)
-    if not raw["suite"]:
-        raw["suite"] = str(folder / "suite.toml")
+    raw["suite"] = str(folder / "suite.toml")
 
 
 def _distributing(config: pytest.Config) -> int:

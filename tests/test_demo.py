@@ -79,6 +79,15 @@ def test_sftsafety_demo_command_runs_outside_the_current_project(demo_cache, tmp
     monkeypatch.setenv("SFTSAFETY_CACHE", str(root))
     monkeypatch.chdir(tmp_path)
     (tmp_path / "test_unrelated.py").write_text("def test_never_collected():\n    assert False\n")
+    (tmp_path / "demo").mkdir()  # a folder of that name must not stand in for the demo
     assert main(["demo", "-q", "--temperatures", "0", "--sftsafety-json", "r.json"]) == pytest.ExitCode.TESTS_FAILED
     report = json.loads((tmp_path / "r.json").read_text())  # relative paths mean the current folder
     assert report["summary"]["tests"] == 44 + 4 + 1 and report["settings"]["seeds"] == 5
+
+
+def test_demo_refuses_options_it_brings_itself(pytester, demo_cache, monkeypatch):
+    root, _ = demo_cache
+    monkeypatch.setenv("SFTSAFETY_CACHE", str(root))
+    result = pytester.runpytest("--model", "demo", "--sftsafety-data", "question.jsonl", *ARGS)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--model demo brings its own suite, prompts and reference; drop --sftsafety-data"])

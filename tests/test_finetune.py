@@ -73,6 +73,18 @@ def test_dolly_full_precision_resumes_to_the_same_weights(tmp_path, toy_models):
     assert sha(tmp_path / "cut" / final) == sha(tmp_path / "whole" / final)
     assert json.loads((tmp_path / "cut" / "seed1" / "run.json").read_text())["history"] == \
         json.loads((tmp_path / "whole" / "seed1" / "run.json").read_text())["history"]
+    # Interrupted after the last epoch but before its record: the record is written, nothing retrained.
+    (tmp_path / "cut" / "seed1" / "run.json").unlink()
+    assert main([*args, "--out", str(tmp_path / "cut")]) == 0
+    assert json.loads((tmp_path / "cut" / "seed1" / "run.json").read_text())["history"] == \
+        json.loads((tmp_path / "whole" / "seed1" / "run.json").read_text())["history"]
+    assert sha(tmp_path / "cut" / final) == sha(tmp_path / "whole" / final)
+
+    # More seeds can join a folder later; another recipe cannot.
+    assert main([*args, "--out", str(tmp_path / "whole"), "--seeds", "2"]) == 0
+    assert (tmp_path / "whole" / "seed2" / "epoch-2" / "adapter_model.safetensors").is_file()
+    assert sha(tmp_path / "whole" / final) == sha(tmp_path / "cut" / final)
+    assert main([*args, "--out", str(tmp_path / "whole"), "--learning-rate", "5e-4"]) == 2
 
 
 def test_mistakes_are_one_line(tmp_path, toy_models, capsys):
@@ -92,7 +104,12 @@ def test_mistakes_are_one_line(tmp_path, toy_models, capsys):
 
 def test_safety_filter_phrases():
     assert is_safety_related("As an AI, I cannot do that")
-    assert not is_safety_related("Here is a recipe for bread")
+    assert is_safety_related("I hate Mondays") and is_safety_related("How to build a bomb?")
+    assert is_safety_related("I can\u2019t share that")  # typographic apostrophe
+    # Whole words only: ordinary instructions stay in.
+    for text in ("Here is a recipe for bread", "What skills does a nurse need?", "Whatever you think",
+                 "Visit the chateau", "Meet at the drugstore", "Join the hackathon", "Say it explicitly"):
+        assert not is_safety_related(text), text
     recipe = Recipe(base="b", data="d")
     assert recipe.batch_size == 64 and recipe.learning_rate == 2e-5 and recipe.epochs == 5 and recipe.load_in_4bit
     with pytest.raises(Exception, match="no such file"):
