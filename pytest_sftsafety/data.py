@@ -28,7 +28,7 @@ def _decode(raw: bytes, path: Path) -> str:
                         f"re-save the file as UTF-8") from None
 
 
-def _rows_jsonl(text: str, path: Path) -> list[tuple[int, dict]]:
+def _rows_jsonl(text: str, path: Path, record: str = "question") -> list[tuple[int, dict]]:
     rows = []
     for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -37,7 +37,7 @@ def _rows_jsonl(text: str, path: Path) -> list[tuple[int, dict]]:
             rows.append((line_no, json.loads(line)))
         except json.JSONDecodeError as exc:
             raise DataError(f"{path} row {line_no}: not valid JSON ({exc.msg}); each line must be one "
-                            f"question object") from None
+                            f"{record} object") from None
     return rows
 
 

@@ -97,28 +97,28 @@ class Examples:
 
 def read_rows(source: str) -> tuple[list[dict], str]:
     """Rows of a local JSONL, JSON (a list), CSV or parquet file, or of a hub dataset's train split."""
+    from .data import _decode, _rows_jsonl, _rows_parquet
+
     path = Path(source)
     if path.is_file():
         raw = path.read_bytes()
         suffix = path.suffix.lower()
-        try:
-            if suffix == ".jsonl":
-                rows = [json.loads(line) for line in raw.decode("utf-8").splitlines() if line.strip()]
-            elif suffix == ".json":
-                rows = json.loads(raw.decode("utf-8"))
-            elif suffix == ".csv":
-                import csv
-                import io
+        if suffix == ".parquet":
+            rows = [record for _, record in _rows_parquet(raw, path)]
+        elif suffix == ".jsonl":
+            rows = [record for _, record in _rows_jsonl(_decode(raw, path), path, "example")]
+        elif suffix == ".json":
+            try:
+                rows = json.loads(_decode(raw, path))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno}); fix the file") from None
+        elif suffix == ".csv":
+            import csv
+            import io
 
-                rows = list(csv.DictReader(io.StringIO(raw.decode("utf-8"))))
-            elif suffix == ".parquet":
-                import pyarrow.parquet as pq
-
-                rows = pq.read_table(path).to_pylist()
-            else:
-                raise DataError(f"{path}: unknown file type '{suffix}'; use .jsonl, .json, .csv or .parquet")
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise DataError(f"{path}: not readable as {suffix[1:]} ({exc}); fix the file") from None
+            rows = list(csv.DictReader(io.StringIO(_decode(raw, path))))
+        else:
+            raise DataError(f"{path}: unknown file type '{suffix}'; use .jsonl, .json, .csv or .parquet")
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             raise DataError(f"{path}: expected a list of records with instruction/output fields")
         return rows, hashlib.sha256(raw).hexdigest()
