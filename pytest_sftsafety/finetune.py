@@ -32,7 +32,6 @@ from pathlib import Path
 
 from .errors import ConfigError, DataError, first_line
 
-PLAIN_FORMAT = "User: {prompt}\nAssistant:"  # the evaluation's format for tokenizers without a chat template
 # Phrases that mark an example as safety-related (refusals, safety talk, harmful topics); a filtered run
 # drops every example whose prompt or answer contains one, in the spirit of Qi et al. (2024).
 SAFETY_PHRASES = (
@@ -190,16 +189,14 @@ def load_examples(recipe: Recipe, phrases: Sequence[str] = SAFETY_PHRASES) -> Ex
     return examples
 
 
-def _encode(tokenizer, pairs: Sequence[tuple[str, str]], max_length: int) -> list[tuple[list[int], list[int]]]:
+def encode_examples(tokenizer, pairs: Sequence[tuple[str, str]],
+                    max_length: int | None = None) -> list[tuple[list[int], list[int]]]:
     """Token ids and labels per example, loss on the answer only, in the format evaluation uses."""
+    from .backends import prompt_ids
+
     encoded = []
     for prompt, answer in pairs:
-        if tokenizer.chat_template:
-            head = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                 tokenize=False)
-            head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
-        else:
-            head_ids = tokenizer(PLAIN_FORMAT.format(prompt=prompt))["input_ids"]
+        head_ids = prompt_ids(tokenizer, prompt)
         answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         ids = (head_ids + answer_ids)[:max_length]
         labels = ([-100] * len(head_ids) + answer_ids)[:max_length]
@@ -313,7 +310,7 @@ def finetune(recipe: Recipe, out: Path, notice: Callable[[str], None] | None = N
         raise ConfigError(f"--base {recipe.base}: cannot load its tokenizer ({first})") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    encoded = _encode(tokenizer, examples.pairs, recipe.max_length)
+    encoded = encode_examples(tokenizer, examples.pairs, recipe.max_length)
     device = _pick_device(recipe.device)
     accumulation = recipe.batch_size // recipe.micro_batch_size
     finals = []

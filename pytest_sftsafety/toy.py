@@ -96,13 +96,9 @@ def _batches(tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int, seed:
     """Endless shuffled batches of (input_ids, attention_mask, labels); loss only on the answers."""
     import torch
 
-    encoded = []
-    for prompt, answer in pairs:
-        head = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                             tokenize=False)
-        head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
-        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        encoded.append((head_ids + answer_ids, [-100] * len(head_ids) + answer_ids))
+    from .finetune import encode_examples
+
+    encoded = encode_examples(tokenizer, pairs)
     rng = random.Random(seed)
     while True:
         order = list(range(len(encoded)))

@@ -14,11 +14,9 @@ import torch
 
 from ..config import RunConfig, resolved_device, resolved_dtype
 from ..errors import ModelLoadError
-from . import GenRow
+from . import GenRow, prompt_ids
 from .checkpoints import Checkpoint, ModelPlan, tokenizer_source
 from .decoding import decode
-
-PLAIN_FORMAT = "User: {prompt}\nAssistant:"
 
 
 def pick_device(device: str) -> str:
@@ -181,16 +179,11 @@ class HFBackend:
 
     # -- generation ----------------------------------------------------------------------------
     def _encode(self, prompt: str) -> list[int]:
-        tok = self._tokenizer
-        if tok.chat_template:
-            text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                           tokenize=False)
-            return tok(text, add_special_tokens=False)["input_ids"]
-        if not self.warned_plain_format:
+        if not self._tokenizer.chat_template and not self.warned_plain_format:
             warnings.warn("the tokenizer has no chat template; prompts are sent as 'User: ...\\nAssistant:'",
                           stacklevel=2)
             self.warned_plain_format = True
-        return tok(PLAIN_FORMAT.format(prompt=prompt))["input_ids"]
+        return prompt_ids(self._tokenizer, prompt)
 
     def _eos_ids(self) -> list[int]:
         ids = {self._tokenizer.eos_token_id}
