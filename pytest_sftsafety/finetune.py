@@ -235,15 +235,10 @@ def _load_model(recipe: Recipe, device: str):
 
     kwargs: dict = {"dtype": torch.bfloat16 if device.startswith("cuda") else torch.float32}
     if recipe.load_in_4bit:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise ConfigError("4-bit loading needs bitsandbytes: pip install 'pytest-sftsafety[quant]', or pass "
-                              "--no-4bit") from None
-        from transformers import BitsAndBytesConfig
+        from .backends.hf import nf4_config
 
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                           bnb_4bit_compute_dtype=kwargs["dtype"])
+        kwargs["quantization_config"] = nf4_config(kwargs["dtype"], "4-bit loading needs bitsandbytes: pip install "
+                                                                    "'pytest-sftsafety[quant]', or pass --no-4bit")
         kwargs["device_map"] = {"": device}
     try:
         model = AutoModelForCausalLM.from_pretrained(recipe.base, **kwargs)

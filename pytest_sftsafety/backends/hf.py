@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 
 from ..config import RunConfig, resolved_device, resolved_dtype
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, first_line
 from . import GenRow, prompt_ids
 from .checkpoints import Checkpoint, ModelPlan, tokenizer_source
 from .decoding import decode
@@ -34,9 +34,20 @@ def pick_dtype(dtype: str, device: str) -> torch.dtype:
     return getattr(torch, resolved_dtype(dtype, device))
 
 
+def nf4_config(compute_dtype: torch.dtype, missing: str):
+    """4-bit nf4 quantization (bitsandbytes), as evaluation and fine-tuning load bases; ``missing`` is the
+    error when bitsandbytes is not installed."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelLoadError(missing) from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
+
+
 def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+    return f"{type(exc).__name__}: {first_line(exc)}" if str(exc).strip() else type(exc).__name__
 
 
 class HFBackend:
@@ -65,15 +76,8 @@ class HFBackend:
         if self.spread:
             kwargs["device_map"] = "auto"  # over the GPUs this process may see (--gpus-per-worker)
         if self.cfg.load_in_4bit:
-            try:
-                import bitsandbytes  # noqa: F401
-            except ImportError:
-                raise ModelLoadError("--load-in-4bit needs bitsandbytes: pip install 'pytest-sftsafety[quant]'") \
-                    from None
-            from transformers import BitsAndBytesConfig
-
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=self.dtype)
+            kwargs["quantization_config"] = nf4_config(
+                self.dtype, "--load-in-4bit needs bitsandbytes: pip install 'pytest-sftsafety[quant]'")
             kwargs.setdefault("device_map", {"": self.device})
         return kwargs
 
