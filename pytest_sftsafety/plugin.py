@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from .config import OPTIONS, OptionSpec, RunConfig, build_config, pyproject_defaults
+from .config import OPTION_BY_DEST, OPTIONS, OptionSpec, RunConfig, build_config, pyproject_defaults
 from .errors import SftSafetyError
 from .report import build_report, render_table, temperature_label, write_json
 from .stats import FLAKY, GATE, REGRESSION
@@ -46,6 +46,12 @@ def _raw_option(config: pytest.Config, spec: OptionSpec, project: dict[str, Any]
     if ini not in ("", [], None):
         return ini if spec.kind in ("bool", "list") else str(ini)
     return project.get(spec.dest)
+
+
+def _raw_options(config: pytest.Config) -> dict[str, Any]:
+    """Every option's raw value by precedence (None when unset); a broken pyproject.toml raises."""
+    project = pyproject_defaults(config.rootpath / "pyproject.toml")
+    return {spec.dest: _raw_option(config, spec, project) for spec in OPTIONS}
 
 
 class SftSafetySession:
@@ -326,9 +332,9 @@ def _use_demo(config: pytest.Config, raw: dict[str, Any]) -> None:
     from . import demo
 
     for dest in ("suite", "data", "reference", "base_model"):
-        spec = next(s for s in OPTIONS if s.dest == dest)
         if config.getoption(f"sftsafety_{dest}") is not None:
-            raise pytest.UsageError(f"--model demo brings its own suite, prompts and reference; drop {spec.flag}")
+            raise pytest.UsageError(f"--model demo brings its own suite, prompts and reference; drop "
+                                    f"{OPTION_BY_DEST[dest].flag}")
         raw[dest] = None
 
     def notice(message: str) -> None:
@@ -385,10 +391,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
     _register_domain_markers(config, load_suite().domains)
     try:
-        project = pyproject_defaults(config.rootpath / "pyproject.toml")
+        raw = _raw_options(config)
     except SftSafetyError as exc:
         raise pytest.UsageError(str(exc)) from None
-    raw = {spec.dest: _raw_option(config, spec, project) for spec in OPTIONS}
     if not raw["model"]:
         given = [spec.flag for spec in OPTIONS if spec.dest != "model" and config.getoption(f"sftsafety_{spec.dest}")
                  is not None]
@@ -413,11 +418,9 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
     if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
         return None  # the user's explicit count
     try:
-        project = pyproject_defaults(config.rootpath / "pyproject.toml")
+        raw = _raw_options(config)
     except SftSafetyError:
         return None  # reported by pytest_configure
-    raw = {spec.dest: _raw_option(config, spec, project) for spec in OPTIONS
-           if spec.dest in ("model", "device", "gpus_per_worker")}
     if not raw["model"]:
         return None
     from .config import resolved_device

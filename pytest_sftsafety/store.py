@@ -195,20 +195,12 @@ class Store:
             raise self._explain(exc) from None
 
     def finish_claim(self, stage: str, shard: int, owner: str, state: str, message: str | None = None) -> None:
-        try:
-            with self._transaction():
-                self._db.execute("UPDATE claims SET state = ?, message = ?, heartbeat = ? WHERE stage = ? AND "
-                                 "shard = ? AND owner = ?", (state, message, time.time(), stage, shard, owner))
-        except sqlite3.DatabaseError as exc:
-            raise self._explain(exc) from None
+        self._put("UPDATE claims SET state = ?, message = ?, heartbeat = ? WHERE stage = ? AND shard = ? AND owner = ?",
+                  [(state, message, time.time(), stage, shard, owner)])
 
     def heartbeat(self, owner: str, pid: int) -> None:
-        try:
-            with self._transaction():
-                self._db.execute("UPDATE claims SET heartbeat = ? WHERE owner = ? AND pid = ? AND state = 'running'",
-                                 (time.time(), owner, pid))
-        except sqlite3.DatabaseError as exc:
-            raise self._explain(exc) from None
+        self._put("UPDATE claims SET heartbeat = ? WHERE owner = ? AND pid = ? AND state = 'running'",
+                  [(time.time(), owner, pid)])
 
     def generated_since(self, moment: float) -> int:
         try:
