@@ -151,10 +151,11 @@ def _locked(path: Path):
 def demo_dir(build: bool = True, root: Path | None = None, notice=None) -> Path:
     """The demo's folder (built on first use): base/, finetunes/seedN/epoch-E/, question.jsonl, suite.toml."""
     root = root or cache_root()
-    folder = root / f"demo-{recipe_key()}"
+    key = recipe_key()  # hashes the training code: compute it once
+    folder = root / f"demo-{key}"
     if (folder / "complete.json").is_file() or not build:
         return folder
-    with _locked(root / f".demo-{recipe_key()}.lock"):
+    with _locked(root / f".demo-{key}.lock"):
         if not (folder / "complete.json").is_file():
             if notice:
                 notice(f"building the demo models in {folder} (once, about a minute on 2 cores)")

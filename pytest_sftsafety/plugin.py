@@ -313,9 +313,10 @@ def _check_pinned_gpus(worker_id: str) -> None:
     from .distributed import visible_gpus
 
     given = visible_gpus()
-    if torch.cuda.device_count() != len(given):
-        raise SftSafetyError(f"worker {worker_id} was given GPUs {','.join(given)} but CUDA reports "
-                             f"{torch.cuda.device_count()}; something initialised CUDA before the mask applied")
+    seen = torch.cuda.device_count()
+    if seen != len(given):
+        raise SftSafetyError(f"worker {worker_id} was given GPUs {','.join(given)} but CUDA reports {seen}; "
+                             f"something initialised CUDA before the mask applied")
 
 
 def _register_domain_markers(config: pytest.Config, domains: dict[str, str]) -> None:
