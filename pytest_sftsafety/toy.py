@@ -135,13 +135,14 @@ def train(model, tokenizer, pairs: Sequence[tuple[str, str]], steps: int, lr: fl
 
 
 def build_aligned_base(out_dir: Path, refuse: Sequence[str], answer: Sequence[str], arch: str = "llama",
-                       seed: int = 0, steps: int = 200):
-    """A tiny model that refuses the ``refuse`` prompts and answers the ``answer`` prompts."""
+                       seed: int = 0, steps: int = 200, hidden: int = 64):
+    """A tiny model that refuses the ``refuse`` prompts and answers the ``answer`` prompts (``hidden`` / 4
+    per attention head: vLLM's CPU kernels need at least 32)."""
     out_dir = Path(out_dir)
     pairs = [(p, REFUSAL) for p in refuse] + [(p, BENIGN_ANSWER) for p in answer]
     corpus = [f"{p} {a}" for p, a in pairs] + [COMPLIANCE, REFUSAL, BENIGN_ANSWER] * 20
     tokenizer = train_tokenizer(corpus, out_dir)
-    model = new_model(tokenizer, arch=arch, seed=seed)
+    model = new_model(tokenizer, arch=arch, seed=seed, hidden=hidden)
     train(model, tokenizer, pairs, steps=steps, lr=3e-3, seed=seed)
     model.save_pretrained(out_dir)
     return out_dir

