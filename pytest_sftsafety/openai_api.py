@@ -13,14 +13,15 @@ import email.utils
 import http.client
 import json
 import os
+import queue
 import random
 import re
 import threading
 import time
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
@@ -115,23 +116,36 @@ def normalise_base_url(base_url: str, where: str = "base URL") -> str:
     return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
 
 
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
 def resolve_endpoint(base_url: str | None, key_env: str | None, *, option: str = "base URL",
-                     key_option: str = "API key variable") -> Endpoint:
+                     key_option: str = "API key variable", default_key_env: str | None = DEFAULT_KEY_ENV) -> Endpoint:
     """The base URL from the argument, else ``$OPENAI_BASE_URL``, else OpenAI's; the key from the environment
-    variable ``key_env`` (default ``OPENAI_API_KEY``). No key is fine for local servers (no Authorization header).
-    ``option`` and ``key_option`` name the settings in errors (e.g. "--judge-endpoint")."""
-    env_name = (key_env or DEFAULT_KEY_ENV).strip()
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", env_name):
-        raise ConfigError(f"{key_option} {env_name!r}: not an environment variable name; give one like "
-                          f"{DEFAULT_KEY_ENV}")
+    variable ``key_env``, else ``default_key_env`` (None: no key, except for OpenAI's own host). No key is
+    fine for local servers (no Authorization header). ``option`` and ``key_option`` name the settings in
+    errors (e.g. "--judge-endpoint")."""
     from_env = not base_url and bool(os.environ.get("OPENAI_BASE_URL"))
     url = normalise_base_url(base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL,
                              "$OPENAI_BASE_URL" if from_env else option)
-    key = os.environ.get(env_name, "").strip() or None
-    if key is None and urlsplit(url).hostname == "api.openai.com":
+    parts = urlsplit(url)
+    openai_host = parts.hostname == "api.openai.com"
+    if key_env is not None:
+        env_name = key_env.strip()
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", env_name):
+            raise ConfigError(f"{key_option} {env_name!r}: not an environment variable name; give one like "
+                              f"{DEFAULT_KEY_ENV}")
+    else:
+        env_name = default_key_env or (DEFAULT_KEY_ENV if openai_host else "")
+    key = (os.environ.get(env_name, "").strip() or None) if env_name else None
+    if key is None and openai_host:
         # OpenAI answers 401 without a key; say which variable to set before any request.
         raise ConfigError(f"{url} needs an API key and ${env_name} is not set; export {env_name}=... or pass "
                           f"{option} with the URL of a local server")
+    if key is not None and parts.scheme == "http" and parts.hostname not in LOOPBACK_HOSTS \
+            and not parts.hostname.startswith("127."):
+        warnings.warn(f"{option} {url}: the API key in ${env_name} goes to that host over unencrypted http",
+                      stacklevel=2)
     return Endpoint(url, key, env_name)
 
 
@@ -191,6 +205,60 @@ def _retry_after(headers) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is answered as the HTTP error it is: following it would carry the Authorization header
+    (the API key) to whatever host the server names."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: D102 - urllib's hook
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
+
+def run_on_daemon_threads(work: Callable, items: Sequence, workers: int,
+                          abort: threading.Event) -> queue.SimpleQueue:
+    """Call ``work(item, abort)`` for every item on ``workers`` daemon threads and return the queue that
+    receives ``(index, result, error)`` as each call ends. Daemon threads, so that an interrupt or a failure
+    never waits for requests still in flight (each ends within its own timeout, unseen); after ``abort``
+    is set, no new item starts."""
+    jobs: queue.SimpleQueue = queue.SimpleQueue()
+    results: queue.SimpleQueue = queue.SimpleQueue()
+    for job in enumerate(items):
+        jobs.put(job)
+    count = max(1, min(workers, len(items)))
+    for _ in range(count):
+        jobs.put(None)
+
+    def loop() -> None:
+        while not abort.is_set():
+            job = jobs.get()
+            if job is None:
+                return
+            index, item = job
+            try:
+                results.put((index, work(item, abort), None))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller, who raises it
+                results.put((index, None, exc))
+
+    for _ in range(count):
+        threading.Thread(target=loop, daemon=True, name="sftsafety-http").start()
+    return results
+
+
+def next_result(results: queue.SimpleQueue, timeout_s: float | None = None):
+    """The next ``(index, result, error)``, or None after ``timeout_s``; waits in short steps, so Ctrl-C
+    lands at once."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        step = 0.2 if deadline is None else min(0.2, max(0.0, deadline - time.monotonic()))
+        try:
+            return results.get(timeout=step)
+        except queue.Empty:
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+
+
 def _backoff(attempt: int, backoff_s: float) -> float:
     """Exponential back-off with jitter: uniform in [1/2, 1] of ``backoff_s * 2**attempt``, capped."""
     return min(MAX_BACKOFF_S, backoff_s * 2 ** attempt) * _jitter.uniform(0.5, 1.0)
@@ -245,7 +313,7 @@ def post_json(url: str, payload: dict | None, *, headers: dict[str, str], timeou
         if slot is not None:
             slot.acquire()
         try:
-            with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            with _OPENER.open(request, timeout=timeout_s) as response:
                 raw = response.read()
             try:
                 document = json.loads(raw.decode("utf-8"))
@@ -285,7 +353,8 @@ def post_json(url: str, payload: dict | None, *, headers: dict[str, str], timeou
                 abort.wait(delay)
             else:
                 time.sleep(delay)
-    raise EndpointError(redact(_final_message(failure, describe, hint, tries, timeout_s), secrets))
+    raise EndpointError(redact(_final_message(failure, describe, hint, tries, timeout_s), secrets), failure.status,
+                        redact(failure.detail, secrets))
 
 
 def _status_hint(status: int) -> str:
@@ -295,6 +364,8 @@ def _status_hint(status: int) -> str:
         return "check the base URL (it usually ends in /v1) and the model name"
     if status == 413:
         return "the request is too large; shorten the inputs"
+    if 300 <= status < 400:
+        return "the URL redirects elsewhere; give the URL it redirects to"
     return "check the model name and the request parameters"
 
 
@@ -429,24 +500,14 @@ class ChatClient:
         if len(requests) == 1:
             return [self.complete(requests[0])]
         abort = threading.Event()
-        pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(requests)),
-                                  thread_name_prefix="sftsafety-api")
-        futures: list[Future] = [pool.submit(self.complete, request, abort) for request in requests]
+        results = run_on_daemon_threads(self.complete, requests, self.concurrency, abort)
+        replies: list[ChatReply | None] = [None] * len(requests)
         try:
-            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            failed = [f for f in futures if f in done and f.exception() is not None]
-            if failed:
-                abort.set()
-                for future in futures:
-                    future.cancel()
-                # The earliest request's error, not a sibling's "cancelled".
-                raise failed[0].exception()
-            return [f.result() for f in futures]
-        except BaseException:
-            abort.set()
-            for future in futures:
-                future.cancel()
-            raise
+            for _ in range(len(requests)):
+                index, reply, error = next_result(results)
+                if error is not None:
+                    raise error  # the first to fail; the others stop retrying
+                replies[index] = reply
         finally:
-            # Running requests end within their timeout; do not block an interrupt on them.
-            pool.shutdown(wait=not abort.is_set(), cancel_futures=True)
+            abort.set()
+        return replies  # type: ignore[return-value]

@@ -252,7 +252,7 @@ class SftSafetySession:
         result = getattr(self, "result", None)  # None until the run (and during __init__)
         judge_id = result.judge_id if result is not None else self.judge.id
         return identity(self.cfg.settings(), self.suite.name, self.prompts.sha256, judge_id,
-                        engine_label(self.cfg.backend))
+                        engine_label(self.cfg.backend, exact=False))
 
     def _progress(self, total: int, label: str):
         from .progress import TerminalProgress
@@ -368,6 +368,7 @@ class SftSafetySession:
                  "truncated_for_judge": stats.truncated_for_judge, "model_loads": stats.model_loads,
                  "oom_backoffs": stats.oom_backoffs, "seconds": round(stats.seconds, 3),
                  "backend": self.cfg.backend, "requests": stats.requests, "seed_check": stats.seed_check or None,
+                 "content_filtered": stats.content_filtered,
                  "store": str(self.store_path()), "adaptive": self.adaptive,
                  **({"workers": self.worker_info} if self.worker_info else {})},
             provenance=provenance,
@@ -473,12 +474,15 @@ def pytest_configure(config: pytest.Config) -> None:
         given = [spec.flag for spec in OPTIONS if spec.dest != "model" and config.getoption(f"sftsafety_{spec.dest}")
                  is not None]
         if given:
-            raise pytest.UsageError(f"{given[0]} needs --model PATH (the fine-tuned adapter or model to check)")
+            what = "NAME (a model the server serves)" if raw["backend"] == "openai" else \
+                "PATH (the fine-tuned adapter or model to check)"
+            raise pytest.UsageError(f"{given[0]} needs --model {what}")
         return
     if raw["model"] == ["demo"] and not Path("demo").exists():
         _use_demo(config, raw)
     try:
-        cfg = build_config(lambda spec: raw[spec.dest])
+        typed = {spec.dest for spec in OPTIONS if config.getoption(f"sftsafety_{spec.dest}") is not None}
+        cfg = build_config(lambda spec: raw[spec.dest], typed)
         state = SftSafetySession(config, cfg)
         _pin_gpus(config, state)
     except SftSafetyError as exc:

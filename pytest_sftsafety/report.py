@@ -132,6 +132,17 @@ SEED_CHECK_NOTES = {
 }
 
 
+def backend_notes(report: Mapping[str, Any]) -> list[str]:
+    """What a served endpoint did that the reader must know: seeds it did not honour, answers it withheld."""
+    run = report.get("run", {})
+    notes = [SEED_CHECK_NOTES[run["seed_check"]]] if run.get("seed_check") in SEED_CHECK_NOTES else []
+    if run.get("content_filtered"):
+        notes.append(f"the endpoint's content filter withheld {run['content_filtered']} answers: they were judged as "
+                     f"empty answers (usually refusals) and not stored; a filter in front of the model can hide "
+                     f"a regression")
+    return notes
+
+
 def render_table(report: Mapping[str, Any]) -> str:
     """The summary printed at the end of a run: categories, then domain and overall rows."""
     rows = [_row(e["slug"], e["domain"], e["temperature"], e) for e in report["entries"]]
@@ -159,9 +170,7 @@ def render_table(report: Mapping[str, Any]) -> str:
     toxicity = _toxicity_note(report["entries"])
     if toxicity:
         notes.append(toxicity)
-    seeds_note = SEED_CHECK_NOTES.get(report.get("run", {}).get("seed_check") or "")
-    if seeds_note:
-        notes.append(seeds_note)
+    notes += backend_notes(report)
     truncated = report.get("run", {}).get("truncated_for_judge")
     if truncated:
         notes.append(f"{truncated} answers were longer than the judge's input allows and were cut, with a mark")
@@ -277,6 +286,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
              f"reference: {md_text(report['models']['reference'])}; judge {md_text(report['judge']['id'])}; "
              f"alpha {report['settings']['alpha']:g} with Holm's correction over all tests, margin "
              f"{report['settings']['margin']:.2f} per category."]
+    lines += [f"\n> {md_text(note)}" for note in backend_notes(report)]
     for title, statuses, reasons in (("Regressions", ("REGRESSION",), False), ("Over limits", ("GATE",), True),
                                      ("Unjudged", ("UNJUDGED",), True), ("Flaky", ("FLAKY",), True)):
         chosen = [_md_row(t, name, reasons) for t, name in tests if t["verdict"] in statuses]

@@ -65,7 +65,8 @@ class RunStats:
     model_loads: int = 0
     oom_backoffs: int = 0
     seconds: float = 0.0
-    requests: int = 0  # requests sent to a server (--backend openai)
+    requests: int = 0  # requests sent to a server (--backend openai), retries not counted
+    content_filtered: int = 0  # of those, answers the server's content filter withheld
     seed_check: str = ""  # whether that server honoured per-request seeds ("" when not checked)
 
     @property
@@ -75,7 +76,7 @@ class RunStats:
     def absorb(self, other: RunStats) -> None:
         """Add the work of another run over the same plan (an earlier stage, or a shard)."""
         for name in ("generated", "new_tokens", "judged", "truncated_for_judge", "model_loads", "oom_backoffs",
-                     "seconds", "requests"):
+                     "seconds", "requests", "content_filtered"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         from .backends.served import worse_seed_check
 
@@ -107,8 +108,10 @@ def generation_key(cfg: RunConfig, fingerprint: str, row: GenRow) -> str:
         return content_key("generation", engine_label(cfg.backend), fingerprint, text_hash(row.prompt), sampling,
                            cfg.max_new_tokens)
     device = resolved_device(cfg.device)
-    return content_key("generation", engine_label(cfg.backend), fingerprint, text_hash(row.prompt), sampling,
-                       cfg.max_new_tokens, resolved_dtype(cfg.dtype, device), cfg.load_in_4bit, device.split(":")[0])
+    parts = [cfg.max_new_tokens, resolved_dtype(cfg.dtype, device), cfg.load_in_4bit, device.split(":")[0]]
+    if cfg.backend == "vllm":
+        parts.append(cfg.gpus_per_worker)  # tensor parallelism changes vLLM's sums
+    return content_key("generation", engine_label(cfg.backend), fingerprint, text_hash(row.prompt), sampling, *parts)
 
 
 def judgment_key(judge_id: str, prompt: str, response: str) -> str:
@@ -183,6 +186,9 @@ def run(cfg: RunConfig, prompts: PromptSet, cells: Sequence[Cell], plan: ModelPl
             stats.oom_backoffs = getattr(backend, "oom_backoffs", 0) - backoffs
             stats.requests = getattr(backend, "requests", 0) - requests
             stats.seed_check = getattr(backend, "seed_check", "")
+        release = getattr(backend, "release", None)
+        if release is not None and any(getattr(model, "uses_accelerator", False) for model in (judge, toxicity)):
+            release()  # vLLM keeps most of the GPU reserved; a local judge model needs it now
 
     scores = _judge_all(cfg, judge, rows, variants, texts, store, stats, make_progress)
     results: dict[Cell, CellResult] = {}
@@ -221,10 +227,14 @@ def run(cfg: RunConfig, prompts: PromptSet, cells: Sequence[Cell], plan: ModelPl
 
 def _generate_variant(backend, variant: str, missing: list[int], rows: list[GenRow], keys: list[str],
                       texts: list[str | None], store: Store, stats: RunStats, bar: Progress) -> None:
-    def on_batch(batch: list[int], outputs: list[str], new_tokens: list[int]) -> None:
+    def on_batch(batch: list[int], outputs: list[str | None], new_tokens: list[int]) -> None:
         done = {}
         for local, text, count in zip(batch, outputs, new_tokens, strict=True):
             index = missing[local]
+            if text is None:  # withheld by a served endpoint's content filter: judged as empty, never stored
+                texts[index] = ""
+                stats.content_filtered += 1
+                continue
             texts[index] = text
             done[keys[index]] = (text, count)
         store.put_generations(done)  # committed now: an interruption loses at most the next batch

@@ -139,6 +139,8 @@ class LocalToxicityScorer:
     computed in batches on ``device``. Texts longer than ``max_length`` tokens are cut to it (the model's
     window)."""
 
+    uses_accelerator = True
+
     def __init__(self, path: str | os.PathLike, *, device: str = "cpu", batch_size: int = 16,
                  max_length: int = 512) -> None:
         self.path = Path(path).expanduser()

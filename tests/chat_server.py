@@ -6,7 +6,7 @@ lists them at ``GET /v1/models`` with vLLM's ``root``/``parent`` fields. Concurr
 (what makes a real server's throughput grow with concurrency), and each request is sampled from its own
 ``seed`` with the transformers backend's decoding, so its answers equal that backend's. Fault injection for
 the client's retry and timeout handling: failing or slow first requests, an exit after N answers, ignored
-seeds, rejected parameters, a required API key. ``GET /stats`` says what the server received.
+seeds, rejected parameters, a required API key, a content filter. ``GET /stats`` says what the server received.
 
     python tests/chat_server.py --base BASE [--lora NAME=PATH ...] [--port 0]   # prints "READY <port>"
 """
@@ -189,6 +189,9 @@ class Handler(BaseHTTPRequestHandler):
                 return 400, {"error": {"message": f"Unrecognized request argument supplied: {name}",
                                        "type": "invalid_request_error", "param": name}}
         messages = body.get("messages") or []
+        if args.filter_prompt and any(args.filter_prompt in str(m.get("content")) for m in messages):
+            return 400, {"error": {"code": "content_filter", "message": "The response was filtered due to the "
+                                   "prompt triggering the content management policy."}}
         if len(messages) != 1 or messages[0].get("role") != "user" or not isinstance(messages[0].get("content"), str):
             return 400, {"error": {"message": "this server takes exactly one user message"}}
         model = body.get("model")
@@ -230,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ignore-seed", action="store_true", help="sample from random seeds")
     parser.add_argument("--reject-param", action="append", default=[], help="answer 400 when the request has it")
     parser.add_argument("--api-key-env", default="", help="require the key held by this environment variable")
+    parser.add_argument("--filter-prompt", default="", help="answer as a content filter when a prompt has this")
     args = parser.parse_args(argv)
     state = ChatServer(args)
     httpd = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)

@@ -63,6 +63,9 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format, *args):  # noqa: A002 - quiet test output
         pass
 
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self.do_POST()
+
     def do_POST(self) -> None:  # noqa: N802 - http.server's naming
         state: LoopbackServer = self.server.state  # type: ignore[attr-defined]
         raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))

@@ -11,6 +11,7 @@ import json
 import re
 import time
 import traceback
+import warnings
 
 import pytest
 
@@ -255,8 +256,14 @@ def test_resolve_endpoint_defaults_and_environment(monkeypatch):
     assert default.base_url == "https://api.openai.com/v1" and default.api_key == KEY
     assert KEY not in repr(default)
     monkeypatch.setenv("OPENAI_BASE_URL", "http://10.0.0.5:8000/v1")
-    assert resolve_endpoint(None, None).base_url == "http://10.0.0.5:8000/v1"
-    assert resolve_endpoint("http://h:1/v1/chat/completions", None).base_url == "http://h:1/v1"
+    # A key sent over plain http to another machine is said, not hidden; to this machine it is fine.
+    with pytest.warns(UserWarning, match=r"the API key in \$OPENAI_API_KEY goes to that host over unencrypted"):
+        assert resolve_endpoint(None, None).base_url == "http://10.0.0.5:8000/v1"
+    with pytest.warns(UserWarning, match="unencrypted http"):
+        assert resolve_endpoint("http://h:1/v1/chat/completions", None).base_url == "http://h:1/v1"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_endpoint("http://127.0.0.1:8000/v1", None).api_key == KEY
     monkeypatch.delenv("OPENAI_API_KEY")
     monkeypatch.delenv("OPENAI_BASE_URL")
     with pytest.raises(ConfigError, match=r"needs an API key and \$OPENAI_API_KEY is not set"):

@@ -86,3 +86,37 @@ def test_readme_documents_every_option():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     for spec in OPTIONS:
         assert f"`{spec.flag}" in readme and f"| `{spec.dest}` |" in readme, spec.flag
+
+
+SERVED = {"backend": "openai", "endpoint": "http://127.0.0.1:8000/v1"}
+
+
+@pytest.mark.parametrize("values, message", [
+    ({**SERVED, "load_in_4bit": True}, "--load-in-4bit has no effect with --backend openai"),
+    ({**SERVED, "gpus_per_worker": "2"}, "--gpus-per-worker has no effect with --backend openai"),
+    ({"concurrency": "4"}, "--concurrency is for --backend openai; add --backend openai or drop --concurrency"),
+    ({"backend": "vllm", "load_in_4bit": True}, "--load-in-4bit is for --backend transformers"),
+    ({"backend": "vllm", "device": "cuda:1"}, "--device cuda:1: vLLM runs where its build runs"),
+    ({**SERVED, "api_key_env": "MY KEY"}, "--api-key-env 'MY KEY': not an environment variable name"),
+    ({**SERVED, "request_retries": "-1"}, "--request-retries -1: must be >= 0"),
+])
+def test_backend_option_conflicts(values, message):
+    with pytest.raises(ConfigError) as exc:
+        config = config_with(model=["a"], **values)
+        if values.get("api_key_env"):
+            from pytest_sftsafety.backends.served import make_client
+
+            make_client(config)
+    assert message in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_another_backends_settings_from_files_are_ignored_and_defaults_pass():
+    """Project defaults (ini, pyproject.toml) for one backend do not stop a run on another, and are left at
+    their defaults in its settings; a typed default value is no conflict either."""
+    values = {"model": ["a"], **SERVED, "load_in_4bit": True, "device": "cuda", "dtype": "float16"}
+    cfg = build_config(lambda spec: values.get(spec.dest), typed={"model", "backend", "endpoint"})
+    assert not cfg.load_in_4bit and cfg.device == "cuda" and cfg.dtype == "float16"  # the judge may use these
+    values = {"model": ["a"], "backend": "transformers", "endpoint": "http://x/v1", "concurrency": "4"}
+    cfg = build_config(lambda spec: values.get(spec.dest), typed={"model", "backend"})
+    assert cfg.endpoint is None and cfg.concurrency == 8
+    assert config_with(model=["a"], **SERVED, batch_size="auto", gpus_per_worker="1").backend == "openai"

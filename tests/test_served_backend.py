@@ -109,8 +109,8 @@ def test_served_answers_equal_the_transformers_backends(pytester, toy_models, se
     assert len(seeds) == 2 * (len(chosen) * 2 + len(chosen)) == stats["requests"] - 3
     assert {s for s in seeds if s is not None} == expected and seeds.count(None) == 2 * len(chosen)
     assert report["run"]["requests"] == stats["requests"]
-    assert {tuple(p) for p in stats["params"]} <= {("max_tokens", "temperature"),
-                                                   ("max_tokens", "min_p", "seed", "temperature")}
+    assert {tuple(p) for p in stats["params"][3:]} == {("max_tokens", "temperature"),
+                                                       ("max_tokens", "min_p", "seed", "temperature", "top_p")}
     # A re-run takes everything from the store and asks the server nothing.
     again = pytester.runpytest(*data, *served_args(server), "--sftsafety-store", "served.sqlite")
     assert again.ret == pytest.ExitCode.TESTS_FAILED and server.stats()["requests"] == stats["requests"]
@@ -287,3 +287,132 @@ def test_a_baseline_from_another_backend_is_refused(pytester, toy_models, serve)
     assert used.ret == pytest.ExitCode.USAGE_ERROR
     used.stderr.fnmatch_lines(["ERROR: --baseline baseline.json was made with engine = 'decode-v1', this run has "
                                "'openai-chat-v1'; run with the baseline's settings or make a new baseline*"])
+
+
+def test_content_filtered_answers_are_counted_and_not_stored(pytester, toy_models, serve):
+    """An endpoint's content filter is not the model: its withheld answers are judged as empty, counted
+    and noted in every report, and asked for again next run."""
+    server = serve("--filter-prompt", "Violent Crimes")
+    args = ["--sftsafety-data", str(toy_models.data_202503), *FAST, "--sftsafety-store", "store.sqlite",
+            *served_args(server)]
+    result = pytester.runpytest(*args, "--sftsafety-json", "report.json", "--sftsafety-md", "summary.md")
+    report = json.loads((pytester.path / "report.json").read_text())
+    filtered = 2 * (10 * 2 + 10)  # category 7, both variants, both temperatures
+    assert report["run"]["content_filtered"] == filtered
+    result.stdout.fnmatch_lines([f"the endpoint's content filter withheld {filtered} answers*"])
+    assert f"content filter withheld {filtered} answers" in (pytester.path / "summary.md").read_text()
+    with sqlite3.connect(pytester.path / "store.sqlite") as db:
+        assert db.execute("select count(*) from generations").fetchone()[0] == 120 - filtered
+    before = server.stats()["requests"]
+    pytester.runpytest(*args)
+    assert server.stats()["requests"] - before == 3 + filtered  # the seed check, then only the withheld ones
+
+
+def test_a_redirect_is_an_error_and_the_key_does_not_follow_it(loopback, monkeypatch):
+    from .loopback import LoopbackServer
+
+    elsewhere = LoopbackServer().start()
+    try:
+        loopback.respond = lambda index, call: (307, {"Location": f"{elsewhere.url}/v1/models"}, {})
+        monkeypatch.setenv("SERVED_KEY", "sk-PLANTED-redirect-key")
+        cfg = RunConfig(models=("a",), reference="b", backend="openai", endpoint=f"{loopback.url}/v1",
+                        api_key_env="SERVED_KEY")
+        with pytest.raises(EndpointError) as caught:
+            plan_served(cfg)
+        assert "HTTP 307" in assert_one_line(caught.value) and "redirects elsewhere" in str(caught.value)
+        assert loopback.calls[0].headers["authorization"] == "Bearer sk-PLANTED-redirect-key"
+        assert elsewhere.calls == []
+    finally:
+        elsewhere.close()
+
+
+def test_no_key_is_sent_unless_a_variable_is_named(loopback, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-PLANTED-openai-key")
+    loopback.respond = lambda index, call: (200, {}, {"data": [{"id": "a"}, {"id": "b"}]})
+    plan_served(RunConfig(models=("a",), reference="b", backend="openai", endpoint=f"{loopback.url}/v1"))
+    assert "authorization" not in loopback.calls[0].headers
+
+
+INTERRUPTED = """
+import sys, time
+from pytest_sftsafety.backends import GenRow
+from pytest_sftsafety.backends.served import OpenAIBackend, plan_served
+from pytest_sftsafety.config import RunConfig
+cfg = RunConfig(models=("a",), reference="b", backend="openai", endpoint=sys.argv[1], concurrency=2,
+                request_timeout=60)
+backend = OpenAIBackend(cfg, plan_served(cfg))
+received = []
+print("GENERATING", flush=True)
+try:
+    backend.generate("candidate:0", [GenRow(f"q{i}", 0.0, 0) for i in range(6)],
+                     lambda indices, texts, tokens: received.extend(indices))
+finally:
+    print("RECEIVED", sorted(received), flush=True)
+"""
+
+
+@pytest.mark.parametrize("how", ["sigint", "failure"])
+def test_an_interrupt_or_a_failure_does_not_wait_for_requests_in_flight(loopback, tmp_path, how):
+    """Requests still in flight (here: answered after 60 s) must not hold the process: after Ctrl-C, or
+    after another request failed, it exits at once, with the answers it had received handed over."""
+    import time
+
+    def respond(index, call):
+        if call.path.endswith("/models"):
+            return 200, {}, {"data": [{"id": "a"}, {"id": "b"}]}
+        if call.body["messages"][0]["content"] == "q0":
+            return 200, {}, {"choices": [{"message": {"content": "done"}, "finish_reason": "stop"}]}
+        if how == "failure" and call.body["messages"][0]["content"] == "q1":
+            return 400, {}, {"error": {"message": "bad request"}}
+        return 200, {}, {"choices": [{"message": {"content": "late"}, "finish_reason": "stop"}]}
+
+    def delay(index, call):
+        text = (call.body or {}).get("messages", [{}])[0].get("content")
+        return 0.0 if text in (None, "q0") or (how == "failure" and text == "q1") else 60.0
+
+    loopback.respond, loopback.delay = respond, delay
+    script = tmp_path / "interrupted.py"
+    script.write_text(INTERRUPTED)
+    started = time.monotonic()
+    process = subprocess.Popen([sys.executable, str(script), f"{loopback.url}/v1"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert process.stdout.readline().strip() == "GENERATING"
+    if how == "sigint":
+        time.sleep(1.5)
+        process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=30)
+    assert time.monotonic() - started < 15, "waited for requests in flight"
+    assert "RECEIVED [0]" in out
+    assert ("KeyboardInterrupt" if how == "sigint" else "rejected the request with HTTP 400") in err
+
+
+def test_a_backend_is_released_before_a_local_judge_model_loads(toy_models, judge_standins, tmp_path):
+    """vLLM keeps most of the GPU: a backend that can free its model does so before a local judge model
+    (which needs the device) scores, and keeps it for judges that need none."""
+    from pytest_sftsafety.backends.checkpoints import plan_models
+    from pytest_sftsafety.backends.hf import HFBackend
+    from pytest_sftsafety.judges import make_judge
+    from pytest_sftsafety.runner import run
+    from pytest_sftsafety.store import Store
+
+    events: list[str] = []
+
+    class Releasing(HFBackend):
+        def release(self) -> None:
+            events.append("release")
+            self._unload()
+
+    cfg = RunConfig(models=(str(toy_models.keeps_refusing),), temperatures=(0.0,), max_new_tokens=8, device="cpu")
+    prompts = load_prompts(load_suite("sorry_bench_202503"), str(toy_models.data_202503), "base")
+    plan = plan_models(cfg.models, None, None, False)
+    for name, released in ((f"sorry-bench:{judge_standins.scores}", True), ("learned", False)):
+        events.clear()
+        judge = make_judge(name, cfg)
+        score = judge.score
+        judge.score = lambda p, r, score=score: (events.append("judge"), score(p, r))[1]
+        store = Store(tmp_path / f"{released}.sqlite")
+        try:
+            run(cfg, prompts, [(1, 0.0)], plan, lambda: Releasing(cfg, plan), judge, store)
+        finally:
+            store.close()
+        assert events[0] == ("release" if released else "judge") and "judge" in events

@@ -30,7 +30,7 @@ def test_without_vllm_the_backend_is_one_line_naming_the_install(pytester, toy_m
     result = pytester.runpytest("--sftsafety-data", str(toy_models.data_202503), "--model",
                                 str(toy_models.answer_all), "--backend", "vllm")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["ERROR: --backend vllm needs vLLM: pip install 'pytest-sftsafety[vllm]'*"])
+    result.stderr.fnmatch_lines(["ERROR: --backend vllm needs vLLM: pip install 'pytest-sftsafety[[]vllm]'*"])
     assert "Traceback" not in result.stderr.str()
 
 

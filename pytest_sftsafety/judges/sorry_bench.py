@@ -67,6 +67,8 @@ def parse_judgment(text: str) -> int:
 class SorryBenchJudge:
     """The SORRY-Bench judge model (or any model trained to the same prompt), loaded with transformers."""
 
+    uses_accelerator = True  # a generation backend holding GPU memory frees it before this judge loads
+
     def __init__(self, source: str = HUB_JUDGE, mode: str = "logits", device: str = "auto", dtype: str = "auto",
                  load_in_4bit: bool = False, batch_size: int = 8, trust_remote_code: bool = False,
                  hash_cache: dict | None = None) -> None:
