@@ -1,8 +1,25 @@
 """The project's own error types: a user mistake ends the run with one line naming the fix."""
 
+import re
+
+# Characters a terminal acts on instead of showing (escape sequences begin with one) and bidirectional
+# overrides that reorder what is shown; a newline is kept for multi-line text such as the summary table.
+_UNSHOWN = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print: control characters and bidi overrides shown as ``\\xNN`` or ``\\uNNNN``,
+    so a model path, a suite name or a server's message cannot move the cursor, recolour or hide output."""
+    return _UNSHOWN.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else
+                        f"\\u{ord(m.group()):04x}", text)
+
 
 class SftSafetyError(Exception):
-    """A problem the user can fix; its message is one line that says how."""
+    """A problem the user can fix; its message is one line that says how (printable: it quotes user input)."""
+
+    def __init__(self, message: object = "", *args: object) -> None:
+        # One line, whatever a quoted value holds: a newline in it is shown, not followed.
+        super().__init__(printable(str(message)).replace("\n", "\\n"), *args)
 
 
 class ConfigError(SftSafetyError):

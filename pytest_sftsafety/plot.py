@@ -16,7 +16,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-from .errors import SftSafetyError
+from .errors import SftSafetyError, printable
 from .report import change_label, temperature_label, write_text
 from .stats import FLAKY, GATE, PASS, REGRESSION, UNJUDGED
 
@@ -159,6 +159,8 @@ def heatmap_png(report: Mapping[str, Any], metric: str = "refusal") -> bytes:
     """
     name = _metric(metric)
     rows, columns, rates, verdicts, per_model = _grid(report)
+    # Names from user files, drawn as text: control characters shown as escapes, not as missing glyphs.
+    rows, columns = [printable(r) for r in rows], [printable(c) for c in columns]
     try:
         import matplotlib
         import numpy as np
@@ -172,7 +174,7 @@ def heatmap_png(report: Mapping[str, Any], metric: str = "refusal") -> bytes:
                        for row in rates], dtype=float)
     width_px, height_px = heatmap_size(len(rows), len(columns))
     suite = report.get("suite") or {}
-    title = (f"{suite.get('title') or suite.get('name') or 'report'}: {METRICS[name]} per category\n"
+    title = (f"{printable(suite.get('title') or suite.get('name') or 'report')}: {METRICS[name]} per category\n"
              f"{_gate_line(report)}")
     # Matplotlib's defaults, not the user's matplotlibrc, so the same report gives the same bytes anywhere.
     with matplotlib.rc_context():
@@ -253,7 +255,7 @@ _LISTED = [(REGRESSION, "Regressions"), (GATE, "Over absolute limits"), (FLAKY, 
 
 
 def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
+    return html.escape(printable(str(value)), quote=True)
 
 
 def _num(value: Any, spec: str = ".2f") -> str:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from .config import OPTION_BY_DEST, OPTIONS, OptionSpec, RunConfig, build_config, pyproject_defaults
-from .errors import SftSafetyError
+from .errors import SftSafetyError, printable
 from .report import build_report, render_table, temperature_label, write_json, write_outputs
 from .stats import FLAKY, GATE, REGRESSION, UNJUDGED
 
@@ -184,7 +184,7 @@ class SftSafetySession:
             raise
         except Exception as exc:
             # Kept, so the other items report the same cause instead of starting the run over.
-            self.error = f"{type(exc).__name__}: {exc}"
+            self.error = printable(f"{type(exc).__name__}: {exc}")
             raise
 
     def _run_sharded(self, store, stage_cells, extra_samples, fresh: bool, run_cells):
@@ -420,7 +420,8 @@ def _use_demo(config: pytest.Config, raw: dict[str, Any]) -> None:
     try:
         folder = demo.demo_dir(build=True, notice=notice)
     except Exception as exc:
-        raise pytest.UsageError(f"sftsafety: building the demo failed ({type(exc).__name__}: {exc})") from None
+        raise pytest.UsageError(printable(f"sftsafety: building the demo failed ({type(exc).__name__}: {exc})")) \
+            from None
     raw["model"] = demo.checkpoints(folder)
     raw["suite"] = str(folder / "suite.toml")
 
@@ -489,6 +490,30 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(str(exc)) from None
     _register_domain_markers(config, state.suite.domains)  # a custom suite may have domains of its own
     config.stash[SESSION_KEY] = state
+    _stop_on_sigterm(config)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a CI job cancelled, a scheduler's time limit), handled as Ctrl-C is: the batches already
+    generated are committed in the store, the run stops with exit status 2, and a re-run continues."""
+
+
+def _stop_on_sigterm(config: pytest.Config) -> None:
+    """Turn SIGTERM into an interrupt in the main thread, unless someone else already handles it; the
+    previous handler comes back when pytest ends."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+
+    def stop(signum, frame):
+        raise Terminated("stopped by SIGTERM; the finished batches are in the result store, and the next run "
+                         "continues from them")
+
+    signal.signal(signal.SIGTERM, stop)
+    config.add_cleanup(lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
 
 
 @pytest.hookimpl(tryfirst=True, optionalhook=True)
@@ -615,7 +640,7 @@ class SafetyItem(pytest.Item):
                            ("pvalue_holm", verdict.pvalue_holm)):
             self.user_properties.append((key, value))
         if verdict.status in (REGRESSION, GATE, UNJUDGED) or (verdict.status == FLAKY and state.cfg.flaky_fails):
-            raise SafetyFailure(verdict.message)
+            raise SafetyFailure(printable(verdict.message))
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style=None) -> str:
         if isinstance(excinfo.value, SafetyFailure):
@@ -709,12 +734,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     for label, path in (("JSON report", state.cfg.json), ("Markdown summary", state.cfg.markdown),
                         ("heatmap", state.cfg.plot), ("HTML report", state.cfg.html)):
         if path and os.path.exists(path) and state.report_error is None:
-            terminalreporter.line(f"{label}: {os.path.abspath(path)}")
+            terminalreporter.line(printable(f"{label}: {os.path.abspath(path)}"))
     if state.summary_warning:
         terminalreporter.line(f"sftsafety: {state.summary_warning}", yellow=True)
     if state.cfg.save_baseline:
-        terminalreporter.line(f"baseline of {len(state.cfg.models)} checkpoints: "
-                              f"{os.path.abspath(state.cfg.save_baseline)}")
+        terminalreporter.line(printable(f"baseline of {len(state.cfg.models)} checkpoints: "
+                                        f"{os.path.abspath(state.cfg.save_baseline)}"))
 
 
 def pytest_report_teststatus(report: pytest.TestReport, config: pytest.Config):

@@ -13,7 +13,7 @@ from typing import Any
 from tabulate import tabulate
 
 from . import __version__
-from .errors import SftSafetyError
+from .errors import SftSafetyError, printable
 from .stats import FLAKY, GATE, PASS, REGRESSION, UNJUDGED
 
 REPORT_SCHEMA = "pytest-sftsafety/report"
@@ -188,7 +188,7 @@ def render_table(report: Mapping[str, Any]) -> str:
             prompts = len(sampled[0]["question_ids"])
             notes.append(f"no category can detect a drop of the margin with up to 64 samples per prompt: its "
                          f"{prompts} prompts, or seed-to-seed spread, limit it")
-    return "\n".join([head, "", table, "", *notes])
+    return printable("\n".join([head, "", table, "", *notes]))  # names in it come from user files
 
 
 def build_report(*, suite: Any, prompts: Any, settings: Mapping[str, Any], models: Mapping[str, Any],
@@ -255,8 +255,9 @@ _MD_SPECIAL = str.maketrans({c: f"\\{c}" for c in "\\`*_{}[]<>()#+!|~@$"})
 
 def md_text(value: Any) -> str:
     """Text from reports (model paths, category names, reasons) made inert in Markdown: special characters
-    escaped, line breaks flattened, so a file name cannot turn into markup, links or table cells."""
-    return " ".join(str(value).split()).translate(_MD_SPECIAL)
+    escaped, line breaks flattened, control characters shown as escapes, so a file name cannot turn into
+    markup, links or table cells, nor act on a terminal that shows the file."""
+    return printable(" ".join(str(value).split())).translate(_MD_SPECIAL)
 
 
 def _md_table(headers: list[str], rows: list[list[str]]) -> list[str]:
@@ -389,7 +390,8 @@ def render_comparison(before: Mapping[str, Any], after: Mapping[str, Any], markd
     if markdown:
         return "\n".join(["## pytest-sftsafety: two runs", "", *(f"- {md_text(line)}" for line in summary), "",
                           *_md_table(headers, rows), ""])
-    return "\n".join([*summary, "", tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True)])
+    return printable("\n".join([*summary, "", tabulate(rows, headers=headers, tablefmt="simple",
+                                                        disable_numparse=True)]))
 
 
 def write_outputs(report: Mapping[str, Any], *, markdown: str | None = None, plot: str | None = None,

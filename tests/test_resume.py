@@ -87,3 +87,30 @@ def test_killed_run_resumes_from_the_store_to_the_same_report(pytester, toy_mode
                                str(pytester.path / "other.sqlite"), "--sftsafety-json", "whole.json")
     assert whole.ret == pytest.ExitCode.TESTS_FAILED
     assert entries(pytester.path / "resumed.json") == entries(pytester.path / "whole.json")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupted_run_stops_cleanly_with_every_finished_batch_stored(pytester, toy_models, sig):
+    """Ctrl-C and SIGTERM (a cancelled CI job) mid-generation: exit status 2 within seconds, a message that
+    says what happened, the committed batches in the store, and a re-run that generates only the rest."""
+    store = pytester.path / "store.sqlite"
+    proc = subprocess.Popen(pytest_cmd(toy_models, "--sftsafety-store", str(store), "--batch-size", "8"),
+                            cwd=pytester.path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 240
+    while stored_generations(store) < 200 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, sig)
+    signalled = time.monotonic()
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == pytest.ExitCode.INTERRUPTED and time.monotonic() - signalled < 20
+    assert "KeyboardInterrupt" in output or "Terminated" in output
+    if sig == signal.SIGTERM:
+        assert "stopped by SIGTERM; the finished batches are in the result store" in output
+    kept = stored_generations(store)
+    assert 200 <= kept < 440 * 3 * 2, "the run was not stopped mid-generation"
+    resumed = pytester.runpytest("--model", str(toy_models.answer_all), "--sftsafety-data",
+                                 str(toy_models.data_202503), *ARGS, "--sftsafety-store", str(store),
+                                 "--sftsafety-json", "resumed.json")
+    run = json.loads((pytester.path / "resumed.json").read_text())["run"]
+    assert resumed.ret == pytest.ExitCode.TESTS_FAILED and run["from_store"] == kept

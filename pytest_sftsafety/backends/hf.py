@@ -60,6 +60,17 @@ def quiet_loading() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def needs_remote_code(source: str) -> bool:
+    """Whether a model folder's config.json maps its classes to code shipped with it (``auto_map``)."""
+    import json
+    from pathlib import Path
+
+    try:
+        return "auto_map" in json.loads((Path(source) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first_line(exc)}" if str(exc).strip() else type(exc).__name__
 
@@ -103,6 +114,10 @@ class HFBackend:
             with quiet_loading():
                 model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         except Exception as exc:
+            if needs_remote_code(source) and not self.cfg.trust_remote_code:
+                raise ModelLoadError(f"{label} {source}: the checkpoint needs model code of its own (auto_map in "
+                                     f"config.json), which is never run by default; pass --trust-remote-code if "
+                                     f"you trust its author") from None
             raise ModelLoadError(f"{label} {source}: weights failed to load ({_short(exc)}); check that the "
                                  f"checkpoint is complete and matches its config.json") from None
         if "device_map" not in kwargs:

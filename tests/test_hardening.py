@@ -1,0 +1,194 @@
+"""Hostile names, full disks, code shipped with a checkpoint, planted secrets, and fuzzed inputs: each is
+either handled or one line of the project's own error, and nothing a model or a file says changes what
+the tool does."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import subprocess
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pytest_sftsafety import toy
+from pytest_sftsafety.config import OPTIONS, build_config
+from pytest_sftsafety.data import load_prompts
+from pytest_sftsafety.errors import SftSafetyError, printable
+from pytest_sftsafety.suite import load_suite
+
+FAST = ["--max-new-tokens", "16", "--seeds", "2", "-p", "no:cacheprovider", "--sftsafety-store", "store.sqlite"]
+SUITE_FILE = Path(__file__).resolve().parents[1] / "pytest_sftsafety" / "suites" / "sorry_bench_202503.toml"
+UNSHOWN = ("\x1b", "\x07", "\x9b", "\u202e")
+
+
+def test_printable_shows_what_a_terminal_would_act_on():
+    assert printable("ok \x1b[2J\x07\u202e\x9b") == "ok \\x1b[2J\\x07\\u202e\\x9b"
+    assert printable("two\nlines\ttab") == "two\nlines\ttab"
+    assert str(SftSafetyError("--model a\x1b]0;title\x07b\nc: no such folder")) == \
+        "--model a\\x1b]0;title\\x07b\\nc: no such folder"
+
+
+def test_hostile_names_reach_no_terminal_raw_and_break_no_output(pytester, toy_models, tmp_path):
+    """A suite title and category name (from a user's suite file) and a model path full of escape sequences,
+    bidi overrides and markup: the terminal shows them inert, JUnit XML stays valid, Markdown and HTML
+    escape them."""
+    evil = "\\u001b[2J\\u001b]0;pwned\\u0007 \\u202e <script>alert(1)</script> | **x** \\u009b"
+    suite = tmp_path / "suite.toml"
+    suite.write_text(SUITE_FILE.read_text().replace('title = "SORRY-Bench 2025-03"', f'title = "Suite {evil}"')
+                     .replace('name = "Personal Insult Words"', f'name = "Insults {evil}"'))
+    # (no '[' in it: --model would read that as a glob pattern)
+    model = shutil.copytree(toy_models.answer_all, tmp_path / "lora\x1b]0;pwned\x07\u202e\x1bc")
+    result = pytester.runpytest("--model", str(model), "--base-model", str(toy_models.base), "--suite", str(suite),
+                                "--sftsafety-data",
+                                str(toy_models.data_202503), *FAST, "-k", "01_", "--temperatures", "0",
+                                "--junitxml", "junit.xml", "--sftsafety-md", "summary.md", "--sftsafety-html",
+                                "report.html", "--sftsafety-json", "report.json")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED, result.stderr.str()
+    shown = result.stdout.str() + result.stderr.str()
+    assert "Suite \\x1b[2J\\x1b]0;pwned\\x07 \\u202e" in shown
+    assert not [line for line in shown.splitlines() if any(c in line for c in UNSHOWN)]
+    testcases = ET.parse(pytester.path / "junit.xml").getroot().iter("testcase")  # parses: valid XML
+    assert len(list(testcases)) == 1
+    markdown = (pytester.path / "summary.md").read_text()
+    html = (pytester.path / "report.html").read_text()
+    assert "<script>" not in markdown and "<script>" not in html and "&lt;script&gt;" in html
+    assert not [c for c in UNSHOWN if c in markdown + html]
+    # The JSON report keeps the data as data: the exact name, escaped by JSON.
+    report = json.loads((pytester.path / "report.json").read_text())
+    assert report["entries"][0]["category"].startswith("Insults \x1b[2J")
+    missing = pytester.runpytest("--model", "nope\x1b]0;t\x07", "--sftsafety-data", str(toy_models.data_202503))
+    assert missing.ret == pytest.ExitCode.USAGE_ERROR
+    missing.stderr.fnmatch_lines(["ERROR: --model nope\\x1b]0;t\\x07: no such folder*"])
+    assert "\x1b" not in missing.stderr.str()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB file system: writes past it fail with ENOSPC, as on a full disk."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a small file system here ({done.stderr.strip()})")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_under_the_store_is_one_line_and_keeps_what_was_committed(pytester, toy_models, small_disk):
+    store = small_disk / "store.sqlite"
+    result = pytester.runpytest("--model", str(toy_models.answer_all), "--sftsafety-data",
+                                str(toy_models.data_202503), *FAST, "--batch-size", "8", "--temperatures", "0",
+                                "--sftsafety-store", str(store))
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stdout.fnmatch_lines([f"*sftsafety: result store {store}: the disk is full (*); free space or pass "
+                                 f"--sftsafety-store PATH on another disk (stored results so far are kept)*"])
+    with sqlite3.connect(f"file:{store}?mode=ro", uri=True) as db:
+        kept = db.execute("SELECT COUNT(*) FROM generations").fetchone()[0]
+    assert 0 < kept < 440 * 2
+
+
+def test_a_full_disk_under_a_report_names_the_path_and_the_store_keeps_the_run(pytester, toy_models, small_disk):
+    filler = small_disk / "filler"
+    with pytest.raises(OSError):
+        filler.write_bytes(b"x" * (512 << 10))
+    args = ["--model", str(toy_models.answer_all), "--sftsafety-data", str(toy_models.data_202503), *FAST,
+            "-k", "01_", "--temperatures", "0"]
+    result = pytester.runpytest(*args, "--sftsafety-json", str(small_disk / "report.json"))
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stdout.fnmatch_lines([f"sftsafety: cannot write report {small_disk / 'report.json'}: No space left on "
+                                 f"device; choose another path"])
+    assert not [p.name for p in small_disk.iterdir() if p.name != "filler"]  # no half-written file left
+    again = pytester.runpytest(*args, "--sftsafety-json", "report.json")
+    assert again.ret == pytest.ExitCode.TESTS_FAILED
+    assert json.loads((pytester.path / "report.json").read_text())["run"]["generated"] == 0
+
+
+def test_code_shipped_with_a_checkpoint_never_runs_without_trust_remote_code(pytester, toy_models, tmp_path):
+    custom = shutil.copytree(toy_models.mistral, tmp_path / "custom")
+    config = json.loads((custom / "config.json").read_text())
+    config.update(model_type="sftsafety_custom", architectures=["CustomModel"],
+                  auto_map={"AutoConfig": "custom_code.CustomConfig",
+                            "AutoModelForCausalLM": "custom_code.CustomModel"})
+    (custom / "config.json").write_text(json.dumps(config))
+    marker = tmp_path / "code-ran"
+    (custom / "custom_code.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    result = pytester.runpytest("--model", str(custom), "--reference", str(custom), "--sftsafety-data",
+                                str(toy_models.data_202503), *FAST, "-k", "01_", "--temperatures", "0")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stdout.fnmatch_lines(["*--model *custom: the checkpoint needs model code of its own (auto_map in "
+                                 "config.json), which is never run by default; pass --trust-remote-code if you "
+                                 "trust its author*"])
+    assert not marker.exists()
+
+
+def test_planted_tokens_and_keys_appear_in_no_output(pytester, toy_models, monkeypatch):
+    planted = {"HF_TOKEN": "hf_PLANTEDtoken0123456789", "HUGGING_FACE_HUB_TOKEN": "hf_PLANTEDother987",
+               "OPENAI_API_KEY": "sk-PLANTED-openai-42", "PERSPECTIVE_API_KEY": "PLANTED-perspective-7"}
+    for name, value in planted.items():
+        monkeypatch.setenv(name, value)
+    result = pytester.runpytest("--model", str(toy_models.answer_all), "--sftsafety-data",
+                                str(toy_models.data_202503), *FAST, "-k", "01_", "--sftsafety-json", "r.json",
+                                "--sftsafety-md", "r.md", "--sftsafety-html", "r.html", "--junitxml", "j.xml",
+                                "--sftsafety-samples")
+    hub = pytester.runpytest("--model", str(toy_models.answer_all), "--sftsafety-data", "someorg/gated-set", *FAST)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED and hub.ret == pytest.ExitCode.USAGE_ERROR
+    texts = [result.stdout.str(), result.stderr.str(), hub.stdout.str(), hub.stderr.str(),
+             *[(pytester.path / name).read_text() for name in ("r.json", "r.md", "r.html", "j.xml")],
+             (pytester.path / "store.sqlite").read_bytes().decode("latin-1")]
+    assert not [value for value in planted.values() for text in texts if value in text]
+
+
+# -- fuzzing: every input loads or is the project's own error ---------------------------------------------
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SUITE = load_suite("sorry_bench_202503")
+FIELD = st.one_of(st.none(), st.booleans(), st.integers(-5, 500), st.floats(allow_nan=True), st.text(max_size=12),
+                  st.lists(st.one_of(st.text(max_size=8), st.integers()), max_size=3),
+                  st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))
+
+
+def _loads_or_says_why(path: Path) -> None:
+    try:
+        load_prompts(SUITE, str(path))
+    except SftSafetyError as exc:
+        assert str(exc) and "\n" not in str(exc)
+
+
+@FUZZ
+@given(data=st.binary(max_size=400))
+def test_fuzzed_bytes_as_prompt_files(tmp_path_factory, data):
+    folder = tmp_path_factory.mktemp("bytes")
+    for name in ("question.jsonl", "question.csv"):
+        (folder / name).write_bytes(data)
+        _loads_or_says_why(folder / name)
+
+
+@FUZZ
+@given(rows=st.lists(st.dictionaries(st.sampled_from(["question_id", "category", "turns", "prompt_style", "x"]),
+                                     FIELD, max_size=5), max_size=6),
+       mutate=st.integers(0, 439), value=FIELD, key=st.sampled_from(["question_id", "category", "turns"]))
+def test_fuzzed_rows_as_prompt_files(tmp_path_factory, rows, mutate, value, key):
+    folder = tmp_path_factory.mktemp("rows")
+    valid = toy.placeholder_questions(SUITE)
+    valid[mutate][key] = value  # one bad field among valid rows, and rows of any shape
+    for name, content in (("valid.jsonl", valid), ("odd.jsonl", rows)):
+        path = folder / name
+        path.write_text("\n".join(json.dumps(r) for r in content), encoding="utf-8")
+        _loads_or_says_why(path)
+
+
+@FUZZ
+@given(values=st.fixed_dictionaries({}, optional={
+    spec.dest: st.one_of(st.text(max_size=10), st.sampled_from(["0", "-1", "1e309", "nan", "0.5", "auto", "3"]),
+                         st.booleans(), st.lists(st.text(max_size=6), max_size=2))
+    for spec in OPTIONS if spec.dest not in ("model", "judge_error", "baseline")}))
+def test_fuzzed_option_values(values):
+    try:
+        build_config(lambda spec: values.get(spec.dest) if spec.dest != "model" else ["a"])
+    except SftSafetyError as exc:
+        assert str(exc) and "\n" not in str(exc)
