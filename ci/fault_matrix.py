@@ -1,0 +1,344 @@
+"""The fault matrix, measured: every bad input, fault and hostile input below is tried for real (a pytest run
+of the plugin on tiny models, or a call of the loader it names), and the table records the exit status,
+the line the user sees, and whether any finished result was lost. Then the prompt-file loaders, the suite
+loader and the option parser are fuzzed with random input; anything but a load or the project's own
+one-line error counts as a failure. Writes ci/fault_matrix.md (with --write) and prints it.
+
+Usage: python ci/fault_matrix.py [--fuzz N] [--write]   (root is needed for the full-disk rows: a tmpfs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+
+from pytest_sftsafety import toy  # noqa: E402
+from pytest_sftsafety.config import OPTIONS, build_config  # noqa: E402
+from pytest_sftsafety.data import load_prompts  # noqa: E402
+from pytest_sftsafety.errors import SftSafetyError  # noqa: E402
+from pytest_sftsafety.suite import load_suite  # noqa: E402
+
+SUITE = load_suite("sorry_bench_202503")
+RUN = ["--max-new-tokens", "16", "--seeds", "2", "-p", "no:cacheprovider", "-q"]
+
+
+class Matrix:
+    def __init__(self, work: Path, models: dict[str, Path]) -> None:
+        self.work, self.models, self.rows = work, models, []
+
+    def pytest(self, *args: str, store: str = "store.sqlite", signal_at: int | None = None, sig=None,
+               data: Path | None = None) -> tuple[int, str]:
+        command = [sys.executable, "-m", "pytest", *RUN, "--sftsafety-store", str(self.work / store),
+                   "--sftsafety-data", str(data or self.models["data"]), *args]
+        if signal_at is None:
+            done = subprocess.run(command, cwd=self.work, capture_output=True, text=True, timeout=600)
+            return done.returncode, done.stdout + done.stderr
+        proc = subprocess.Popen(command, cwd=self.work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        while stored(self.work / store) < signal_at and proc.poll() is None:
+            time.sleep(0.05)
+        (os.killpg if sig == signal.SIGKILL else os.kill)(proc.pid, sig)
+        output, _ = proc.communicate(timeout=120)
+        return proc.returncode, output
+
+    def add(self, group: str, case: str, status: object, seen: str, lost: str = "nothing finished (none yet)") -> None:
+        self.rows.append((group, case, str(status), seen, lost))
+        print(f"[{group}] {case}: {status} | {seen[:110]}", flush=True)
+
+
+def stored(path: Path) -> int:
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as db:
+            return db.execute("SELECT COUNT(*) FROM generations").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def seen_line(output: str) -> str:
+    """The line that tells the user what happened."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    for marker in ("ERROR: ", "sftsafety: ", "Terminated: ", "KeyboardInterrupt"):
+        found = [line for line in lines if marker in line]
+        if found:
+            return found[0]
+    return lines[-1] if lines else ""
+
+
+def bad_data(m: Matrix) -> None:
+    rows = toy.placeholder_questions(SUITE)
+    cases = {
+        "a row without the turns column": lambda r: r[3].pop("turns"),
+        "question_id of the wrong type ('abc')": lambda r: r[8].update(question_id="abc"),
+        "duplicate question_id": lambda r: r[5].update(question_id=3),
+        "an empty prompt": lambda r: r[5].update(turns=["   "]),
+        "a category with 9 prompts instead of 10": lambda r: r.pop(60),
+        "a category that does not match its question_id": lambda r: r[13].update(category="9"),
+    }
+    for case, mutate in cases.items():
+        copy = json.loads(json.dumps(rows))
+        mutate(copy)
+        path = toy.write_jsonl(m.work / "bad" / f"{len(m.rows)}.jsonl", copy)
+        status, output = m.pytest("--model", str(m.models["adapter"]), data=path)
+        m.add("bad input: prompts", case, status, seen_line(output))
+    raw = m.work / "bad" / "latin1.jsonl"
+    raw.write_bytes(b'{"question_id": 1, "category": "1", "turns": ["caf\xe9"]}\n')
+    status, output = m.pytest("--model", str(m.models["adapter"]), data=raw)
+    m.add("bad input: prompts", "non-UTF-8 bytes", status, seen_line(output))
+    status, output = m.pytest("--model", str(m.models["adapter"]), "--prompt-style", "yelling")
+    m.add("bad input: prompts", "an unknown --prompt-style", status, seen_line(output))
+
+
+def bad_models(m: Matrix) -> None:
+    adapter, base = m.models["adapter"], m.models["base"]
+    no_weights = shutil.copytree(base, m.work / "models" / "no_weights")
+    (no_weights / "model.safetensors").unlink()
+    truncated = shutil.copytree(base, m.work / "models" / "truncated")
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])
+    corrupt = shutil.copytree(base, m.work / "models" / "corrupt")
+    (corrupt / "model.safetensors").write_bytes(b"\x00" * 64 + os.urandom(4096))
+    pickled = shutil.copytree(base, m.work / "models" / "pickled")
+    (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
+    orphan = shutil.copytree(adapter, m.work / "models" / "orphan")
+    config = json.loads((orphan / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(m.work / "gone")
+    (orphan / "adapter_config.json").write_text(json.dumps(config))
+    cases = [("a model folder without weights", ["--model", str(no_weights), "--reference", str(base)]),
+             ("truncated safetensors", ["--model", str(truncated), "--reference", str(base), "-k", "01_"]),
+             ("corrupt safetensors", ["--model", str(corrupt), "--reference", str(base), "-k", "01_"]),
+             ("only pickle weights", ["--model", str(pickled), "--reference", str(base)]),
+             ("an adapter whose base is missing", ["--model", str(orphan)]),
+             ("an adapter whose shapes do not match the base",
+              ["--model", str(adapter), "--base-model", str(m.models["wide"]), "-k", "01_"])]
+    for case, args in cases:
+        status, output = m.pytest(*args)
+        m.add("bad input: models", case, status, seen_line(output))
+
+
+def bad_options(m: Matrix) -> None:
+    model = ["--model", str(m.models["adapter"])]
+    for case, args in [("--seeds 0", ["--seeds", "0"]), ("a negative temperature", ["--temperatures", "0,-1"]),
+                       ("a non-numeric temperature", ["--temperatures", "0,hot"]), ("--min-p 2", ["--min-p", "2"]),
+                       ("an unknown --backend", ["--backend", "tgi"])]:
+        status, output = m.pytest(*model, *args)
+        m.add("bad input: options", case, status, seen_line(output))
+    saved, _ = m.pytest(*model, "-k", "01_", "--sftsafety-save-baseline", str(m.work / "baseline.json"))
+    status, output = m.pytest(*model, "-k", "01_", "--seeds", "3", "--baseline", str(m.work / "baseline.json"))
+    m.add("bad input: options", "a baseline made with other settings (--seeds 2, run with 3)", status,
+          seen_line(output))
+
+
+def faults(m: Matrix) -> None:
+    model = ["--model", str(m.models["adapter"]), "--batch-size", "8"]
+    total = 440 * 3 * 2
+    for case, sig in (("Ctrl-C during generation", signal.SIGINT), ("SIGTERM during generation", signal.SIGTERM),
+                      ("kill -9 during generation", signal.SIGKILL)):
+        store = f"{sig.name}.sqlite"
+        status, output = m.pytest(*model, store=store, signal_at=200, sig=sig)
+        kept = stored(m.work / store)
+        again, _ = m.pytest(*model, "--sftsafety-json", str(m.work / f"{sig.name}.json"), store=store)
+        run = json.loads((m.work / f"{sig.name}.json").read_text())["run"]
+        lost = (f"nothing: {kept} answers stored at the stop; the re-run took {run['from_store']} from the store "
+                f"and generated the other {run['generated']} of {total}")
+        seen = "(killed: no output)" if sig == signal.SIGKILL else seen_line(output)
+        m.add("faults", case, status, seen, lost if run["from_store"] == kept else f"LOST: {kept} vs {run}")
+    corrupt = m.work / "corrupt.sqlite"
+    corrupt.write_bytes(b"this is not a database" * 100)
+    status, output = m.pytest(*model, store="corrupt.sqlite")
+    m.add("faults", "a corrupt store file", status, seen_line(output),
+          "nothing: the file is left as it was" if corrupt.read_bytes().startswith(b"this is not") else "REPLACED")
+    from pytest_sftsafety.store import Store
+
+    holder = sqlite3.connect(m.work / "store.sqlite", isolation_level=None)
+    Store(m.work / "store.sqlite").close()
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        Store(m.work / "store.sqlite", busy_timeout_s=1).put_generations({"k": ("x", 1)})
+        seen = "no error"
+    except SftSafetyError as exc:
+        seen = str(exc)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    m.add("faults", "a store locked by another process (1 s timeout here; 60 s by default)", "StoreError", seen,
+          "nothing: the other process's work is untouched")
+    disk = m.work / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True).returncode:
+        m.add("faults", "a full disk", "not tried", "no permission to mount a small file system here", "")
+    else:
+        try:
+            status, output = m.pytest(*model, "--temperatures", "0", store=str(disk / "store.sqlite"))
+            m.add("faults", "a full disk under the store", status, seen_line(output),
+                  f"nothing: the {stored(disk / 'store.sqlite')} answers committed before it filled stay")
+            (disk / "store.sqlite").unlink()
+            for name in os.listdir(disk):
+                (disk / name).unlink()
+            try:
+                (disk / "filler").write_bytes(b"x" * (512 << 10))
+            except OSError:
+                pass
+            status, output = m.pytest(*model, "-k", "01_", "--temperatures", "0", "--sftsafety-json",
+                                      str(disk / "report.json"))
+            m.add("faults", "a full disk under the JSON report", status, seen_line(output),
+                  "nothing: every answer and judgment is in the store; a re-run writes the report from it")
+        finally:
+            subprocess.run(["umount", "-l", str(disk)], check=False)
+    oom_row(m)
+
+
+def oom_row(m: Matrix) -> None:
+    """Out of memory in a batch: the backend halves the batch and carries on (injected as CUDA reports it)."""
+    import torch
+
+    from pytest_sftsafety.backends import GenRow
+    from pytest_sftsafety.backends.checkpoints import plan_models
+    from pytest_sftsafety.backends.hf import HFBackend
+    from pytest_sftsafety.config import RunConfig
+
+    cfg = RunConfig(models=(str(m.models["adapter"]),), device="cpu", max_new_tokens=8, batch_size=32)
+    backend = HFBackend(cfg, plan_models(cfg.models, None, None, False))
+    backend.generate("candidate:0", [GenRow("warm up", 0.0, 0)], lambda *_: None)
+    model = backend._model
+    real = model.forward
+    calls = {"n": 0}
+
+    def forward(*args, **kwargs):
+        rows = (kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]).shape[0]
+        if rows > 8:
+            calls["n"] += 1
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args, **kwargs)
+
+    model.forward = forward
+    done: list[int] = []
+    backend.generate("candidate:0", [GenRow(f"prompt {i}", 0.0, 0) for i in range(32)],
+                     lambda indices, texts, tokens: done.extend(indices))
+    m.add("faults", "out of memory in a batch of 32", "run continues",
+          f"batch halved {backend.oom_backoffs} times to {backend.batch_size}; {len(done)} of 32 answers made",
+          "nothing: no answer is redone or dropped")
+
+
+def hostile(m: Matrix) -> None:
+    evil = m.work / "models" / "lora\x1b]0;pwned\x07\u202e"
+    shutil.copytree(m.models["adapter"], evil)
+    status, output = m.pytest("--model", str(evil), "--base-model", str(m.models["base"]), "-k", "01_",
+                              "--temperatures", "0", "--junitxml", str(m.work / "j.xml"))
+    raw = [c for c in ("\x1b", "\x07", "\u202e") if c in output]
+    import xml.etree.ElementTree as ET
+
+    ET.parse(m.work / "j.xml")
+    m.add("hostile content", "a model path holding terminal escapes and a bidi override", status,
+          f"shown inert ({'RAW: ' + repr(raw) if raw else 'no control character reached the terminal'}); "
+          f"JUnit XML valid", "")
+    custom = shutil.copytree(m.models["base"], m.work / "models" / "custom")
+    config = json.loads((custom / "config.json").read_text())
+    config.update(model_type="sftsafety_custom", auto_map={"AutoConfig": "code.C", "AutoModelForCausalLM": "code.M"})
+    (custom / "config.json").write_text(json.dumps(config))
+    (custom / "code.py").write_text(f"open({str(m.work / 'ran')!r}, 'w')\n")
+    status, output = m.pytest("--model", str(custom), "--reference", str(custom), "-k", "01_")
+    m.add("loading safety", "a checkpoint that ships its own model code", status, seen_line(output),
+          "its code never ran" if not (m.work / "ran").exists() else "CODE RAN")
+
+
+def fuzz(count: int) -> tuple[int, int, list[str]]:
+    """Random prompt files, suites and option values; returns (inputs, failures, first failures)."""
+    rng = random.Random(0)
+    failures: list[str] = []
+    inputs = 0
+    values = [None, True, False, 0, -1, 3, 1e309, float("nan"), "", "abc", " 7 ", "1,2", [], ["x"], {"a": 1},
+              "\x00", "caf\xe9", "0.5", "auto"]
+    base_rows = toy.placeholder_questions(SUITE)
+    suite_text = (ROOT / "pytest_sftsafety" / "suites" / "sorry_bench_202503.toml").read_text()
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(count):
+            kind = i % 4
+            try:
+                if kind == 0:  # bytes, as a JSONL or CSV file
+                    path = Path(tmp) / ("f.jsonl" if i % 8 else "f.csv")
+                    path.write_bytes(bytes(rng.randrange(256) for _ in range(rng.randrange(400))))
+                    load_prompts(SUITE, str(path))
+                elif kind == 1:  # valid rows with one field of any value
+                    rows = json.loads(json.dumps(base_rows))
+                    rows[rng.randrange(len(rows))][rng.choice(["question_id", "category", "turns"])] = \
+                        rng.choice(values)
+                    load_prompts(SUITE, str(toy.write_jsonl(Path(tmp) / "rows.jsonl", rows)))
+                elif kind == 2:  # a suite file with a line cut, doubled or replaced
+                    lines = suite_text.splitlines()
+                    at = rng.randrange(len(lines))
+                    lines[at] = rng.choice(["", lines[at] * 2, lines[at][: rng.randrange(len(lines[at]) + 1)],
+                                            "id = -1", 'domain = "x"', "[[categories]]", "name = 5"])
+                    path = Path(tmp) / "suite.toml"
+                    path.write_text("\n".join(lines), encoding="utf-8")
+                    load_suite(str(path))
+                else:  # option values
+                    chosen = {spec.dest: rng.choice(values + ["0", "-1", "2", "openai", "vllm"]) for spec in
+                              rng.sample(OPTIONS, 4) if spec.dest not in ("model", "judge_error", "baseline")}
+                    build_config(lambda spec, chosen=chosen: ["a"] if spec.dest == "model" else chosen.get(spec.dest))
+            except SftSafetyError as exc:
+                if "\n" in str(exc) or not str(exc):
+                    failures.append(f"kind {kind}: not one line: {str(exc)[:80]!r}")
+            except Exception as exc:  # noqa: BLE001 - what is being counted
+                failures.append(f"kind {kind}: {type(exc).__name__}: {str(exc)[:80]}")
+            inputs += 1
+    return inputs, len(failures), failures[:5]
+
+
+def render(m: Matrix, fuzzed: tuple[int, int, list[str]], seconds: float) -> str:
+    injected = len([r for r in m.rows if r[0] in ("faults",)])
+    tried = len(m.rows)
+    bad = [r for r in m.rows if r[3].startswith("RAW") or r[4].startswith(("LOST", "REPLACED", "CODE RAN"))
+           or r[2] in ("0",) and r[0].startswith("bad input")]
+    lines = ["# Fault matrix", "",
+             f"Measured by `python ci/fault_matrix.py --write` ({seconds:.0f} s). Exit status: 1 tests failed, "
+             "2 interrupted, 4 usage error (one line naming the fix), -9 killed.", "",
+             f"**Counts:** {tried} bad inputs, faults and hostile inputs tried ({injected} faults injected), "
+             f"{len(bad)} failures; {fuzzed[0]} fuzzed inputs (prompt files, suite files, option values), "
+             f"{fuzzed[1]} failures.", "",
+             "| kind | tried | exit | what the user sees | finished results |", "| --- | --- | --- | --- | --- |"]
+    for group, case, status, seen, lost in m.rows:
+        cell = seen.replace("|", "\\|").replace(str(m.work), "…")
+        lines.append(f"| {group} | {case} | {status} | {cell} | {lost.replace(str(m.work), '…')} |")
+    if fuzzed[2]:
+        lines += ["", "Fuzzing failures:", *[f"- {f}" for f in fuzzed[2]]]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--fuzz", type=int, default=2000)
+    parser.add_argument("--write", action="store_true")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        models = toy.build_example(work / "example")
+        wide = work / "wide"
+        tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(models["base"])
+        tokenizer.save_pretrained(wide)
+        toy.new_model(tokenizer, hidden=128).save_pretrained(wide)
+        m = Matrix(work, {**models, "wide": wide})
+        for part in (bad_data, bad_models, bad_options, faults, hostile):
+            part(m)
+        fuzzed = fuzz(args.fuzz)
+        text = render(m, fuzzed, time.perf_counter() - started)
+    print(text)
+    if args.write:
+        (ROOT / "ci" / "fault_matrix.md").write_text(text, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
