@@ -37,7 +37,7 @@ RUN = ["--max-new-tokens", "16", "--seeds", "2", "-p", "no:cacheprovider", "-q"]
 
 class Matrix:
     def __init__(self, work: Path, models: dict[str, Path]) -> None:
-        self.work, self.models, self.rows = work, models, []
+        self.work, self.models, self.rows, self.at_signal = work, models, [], 0
 
     def pytest(self, *args: str, store: str = "store.sqlite", signal_at: int | None = None, sig=None,
                data: Path | None = None) -> tuple[int, str]:
@@ -48,15 +48,21 @@ class Matrix:
             return done.returncode, done.stdout + done.stderr
         proc = subprocess.Popen(command, cwd=self.work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
-        while stored(self.work / store) < signal_at and proc.poll() is None:
+        deadline = time.monotonic() + 300
+        while stored(self.work / store) < signal_at and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
+        self.at_signal = stored(self.work / store)
         (os.killpg if sig == signal.SIGKILL else os.kill)(proc.pid, sig)
         output, _ = proc.communicate(timeout=120)
         return proc.returncode, output
 
-    def add(self, group: str, case: str, status: object, seen: str, lost: str = "nothing finished (none yet)") -> None:
-        self.rows.append((group, case, str(status), seen, lost))
-        print(f"[{group}] {case}: {status} | {seen[:110]}", flush=True)
+    def add(self, group: str, case: str, status: object, seen: str, lost: str = "nothing finished (none yet)",
+            ok: bool = True, output: str = "") -> None:
+        """One row; ``ok`` is False when the row shows a failure of the tool (a traceback, a lost result)."""
+        if "Traceback" in output or "INTERNALERROR" in output:
+            ok = False
+        self.rows.append((group, case, str(status), seen, lost, ok))
+        print(f"[{group}] {case}: {status} {'ok' if ok else 'FAILURE'} | {seen[:100]}", flush=True)
 
 
 def stored(path: Path) -> int:
@@ -92,13 +98,14 @@ def bad_data(m: Matrix) -> None:
         mutate(copy)
         path = toy.write_jsonl(m.work / "bad" / f"{len(m.rows)}.jsonl", copy)
         status, output = m.pytest("--model", str(m.models["adapter"]), data=path)
-        m.add("bad input: prompts", case, status, seen_line(output))
+        m.add("bad input: prompts", case, status, seen_line(output), ok=status == 4, output=output)
     raw = m.work / "bad" / "latin1.jsonl"
     raw.write_bytes(b'{"question_id": 1, "category": "1", "turns": ["caf\xe9"]}\n')
     status, output = m.pytest("--model", str(m.models["adapter"]), data=raw)
-    m.add("bad input: prompts", "non-UTF-8 bytes", status, seen_line(output))
+    m.add("bad input: prompts", "non-UTF-8 bytes", status, seen_line(output), ok=status == 4, output=output)
     status, output = m.pytest("--model", str(m.models["adapter"]), "--prompt-style", "yelling")
-    m.add("bad input: prompts", "an unknown --prompt-style", status, seen_line(output))
+    m.add("bad input: prompts", "an unknown --prompt-style", status, seen_line(output), ok=status == 4,
+          output=output)
 
 
 def bad_models(m: Matrix) -> None:
@@ -125,7 +132,7 @@ def bad_models(m: Matrix) -> None:
               ["--model", str(adapter), "--base-model", str(m.models["wide"]), "-k", "01_"])]
     for case, args in cases:
         status, output = m.pytest(*args)
-        m.add("bad input: models", case, status, seen_line(output))
+        m.add("bad input: models", case, status, seen_line(output), ok=status == 4, output=output)
 
 
 def bad_options(m: Matrix) -> None:
@@ -134,11 +141,11 @@ def bad_options(m: Matrix) -> None:
                        ("a non-numeric temperature", ["--temperatures", "0,hot"]), ("--min-p 2", ["--min-p", "2"]),
                        ("an unknown --backend", ["--backend", "tgi"])]:
         status, output = m.pytest(*model, *args)
-        m.add("bad input: options", case, status, seen_line(output))
+        m.add("bad input: options", case, status, seen_line(output), ok=status == 4, output=output)
     saved, _ = m.pytest(*model, "-k", "01_", "--sftsafety-save-baseline", str(m.work / "baseline.json"))
     status, output = m.pytest(*model, "-k", "01_", "--seeds", "3", "--baseline", str(m.work / "baseline.json"))
     m.add("bad input: options", "a baseline made with other settings (--seeds 2, run with 3)", status,
-          seen_line(output))
+          seen_line(output), ok=saved == 1 and status == 4, output=output)
 
 
 def faults(m: Matrix) -> None:
@@ -151,15 +158,20 @@ def faults(m: Matrix) -> None:
         kept = stored(m.work / store)
         again, _ = m.pytest(*model, "--sftsafety-json", str(m.work / f"{sig.name}.json"), store=store)
         run = json.loads((m.work / f"{sig.name}.json").read_text())["run"]
-        lost = (f"nothing: {kept} answers stored at the stop; the re-run took {run['from_store']} from the store "
-                f"and generated the other {run['generated']} of {total}")
+        lost = (f"nothing: {m.at_signal} answers stored when the signal came, {kept} at the stop; the re-run "
+                f"took {kept} from the store and generated the other {run['generated']} of {total}")
         seen = "(killed: no output)" if sig == signal.SIGKILL else seen_line(output)
-        m.add("faults", case, status, seen, lost if run["from_store"] == kept else f"LOST: {kept} vs {run}")
+        # Stopped as promised (2, or killed), nothing committed before the signal lost, at most the batches in
+        # flight (one per variant) after it, and the re-run took exactly what was stored.
+        ok = (status == (-9 if sig == signal.SIGKILL else 2) and m.at_signal <= kept <= m.at_signal + 2 * 8 * 2
+              and run["from_store"] == kept and run["generated"] == total - kept)
+        m.add("faults", case, status, seen, lost if ok else f"LOST or wrong: {kept} vs {run}", ok=ok, output=output)
     corrupt = m.work / "corrupt.sqlite"
     corrupt.write_bytes(b"this is not a database" * 100)
     status, output = m.pytest(*model, store="corrupt.sqlite")
+    intact = corrupt.read_bytes().startswith(b"this is not")
     m.add("faults", "a corrupt store file", status, seen_line(output),
-          "nothing: the file is left as it was" if corrupt.read_bytes().startswith(b"this is not") else "REPLACED")
+          "nothing: the file is left as it was" if intact else "REPLACED", ok=intact and status == 4, output=output)
     from pytest_sftsafety.store import Store
 
     holder = sqlite3.connect(m.work / "store.sqlite", isolation_level=None)
@@ -182,8 +194,11 @@ def faults(m: Matrix) -> None:
     else:
         try:
             status, output = m.pytest(*model, "--temperatures", "0", store=str(disk / "store.sqlite"))
+            with sqlite3.connect(f"file:{disk / 'store.sqlite'}?mode=ro", uri=True) as db:  # raises if damaged
+                kept = db.execute("SELECT COUNT(*) FROM generations").fetchone()[0]
             m.add("faults", "a full disk under the store", status, seen_line(output),
-                  f"nothing: the {stored(disk / 'store.sqlite')} answers committed before it filled stay")
+                  f"nothing: the {kept} answers committed before it filled stay (the store reads back whole)",
+                  ok=status == 4 and kept > 0 and "disk is full" in output, output=output)
             (disk / "store.sqlite").unlink()
             for name in os.listdir(disk):
                 (disk / name).unlink()
@@ -193,8 +208,12 @@ def faults(m: Matrix) -> None:
                 pass
             status, output = m.pytest(*model, "-k", "01_", "--temperatures", "0", "--sftsafety-json",
                                       str(disk / "report.json"))
+            again, _ = m.pytest(*model, "-k", "01_", "--temperatures", "0", "--sftsafety-json",
+                                str(m.work / "after-full.json"))
+            rerun = json.loads((m.work / "after-full.json").read_text())["run"]
             m.add("faults", "a full disk under the JSON report", status, seen_line(output),
-                  "nothing: every answer and judgment is in the store; a re-run writes the report from it")
+                  f"nothing: every answer is in the store; the re-run wrote the report generating "
+                  f"{rerun['generated']} answers", ok=status == 4 and rerun["generated"] == 0, output=output)
         finally:
             subprocess.run(["umount", "-l", str(disk)], check=False)
     oom_row(m)
@@ -227,9 +246,10 @@ def oom_row(m: Matrix) -> None:
     done: list[int] = []
     backend.generate("candidate:0", [GenRow(f"prompt {i}", 0.0, 0) for i in range(32)],
                      lambda indices, texts, tokens: done.extend(indices))
-    m.add("faults", "out of memory in a batch of 32", "run continues",
+    whole = sorted(done) == list(range(32))
+    m.add("faults", "out of memory in a generation batch of 32", "run continues",
           f"batch halved {backend.oom_backoffs} times to {backend.batch_size}; {len(done)} of 32 answers made",
-          "nothing: no answer is redone or dropped")
+          "nothing: each answer made once" if whole else "LOST or doubled", ok=whole and backend.oom_backoffs > 0)
 
 
 def hostile(m: Matrix) -> None:
@@ -243,15 +263,16 @@ def hostile(m: Matrix) -> None:
     ET.parse(m.work / "j.xml")
     m.add("hostile content", "a model path holding terminal escapes and a bidi override", status,
           f"shown inert ({'RAW: ' + repr(raw) if raw else 'no control character reached the terminal'}); "
-          f"JUnit XML valid", "")
+          f"JUnit XML valid", "", ok=not raw and status == 1, output=output)
     custom = shutil.copytree(m.models["base"], m.work / "models" / "custom")
     config = json.loads((custom / "config.json").read_text())
     config.update(model_type="sftsafety_custom", auto_map={"AutoConfig": "code.C", "AutoModelForCausalLM": "code.M"})
     (custom / "config.json").write_text(json.dumps(config))
     (custom / "code.py").write_text(f"open({str(m.work / 'ran')!r}, 'w')\n")
     status, output = m.pytest("--model", str(custom), "--reference", str(custom), "-k", "01_")
+    ran = (m.work / "ran").exists()
     m.add("loading safety", "a checkpoint that ships its own model code", status, seen_line(output),
-          "its code never ran" if not (m.work / "ran").exists() else "CODE RAN")
+          "its code never ran" if not ran else "CODE RAN", ok=not ran and status == 4, output=output)
 
 
 def fuzz(count: int) -> tuple[int, int, list[str]]:
@@ -300,18 +321,20 @@ def fuzz(count: int) -> tuple[int, int, list[str]]:
 def render(m: Matrix, fuzzed: tuple[int, int, list[str]], seconds: float) -> str:
     injected = len([r for r in m.rows if r[0] in ("faults",)])
     tried = len(m.rows)
-    bad = [r for r in m.rows if r[3].startswith("RAW") or r[4].startswith(("LOST", "REPLACED", "CODE RAN"))
-           or r[2] in ("0",) and r[0].startswith("bad input")]
+    bad = [r for r in m.rows if not r[5]]
     lines = ["# Fault matrix", "",
              f"Measured by `python ci/fault_matrix.py --write` ({seconds:.0f} s). Exit status: 1 tests failed, "
              "2 interrupted, 4 usage error (one line naming the fix), -9 killed.", "",
              f"**Counts:** {tried} bad inputs, faults and hostile inputs tried ({injected} faults injected), "
-             f"{len(bad)} failures; {fuzzed[0]} fuzzed inputs (prompt files, suite files, option values), "
-             f"{fuzzed[1]} failures.", "",
-             "| kind | tried | exit | what the user sees | finished results |", "| --- | --- | --- | --- | --- |"]
-    for group, case, status, seen, lost in m.rows:
+             f"{len(bad)} failures (a failure: bad input that is not exit 4 with one line, a traceback, a result "
+             f"lost or redone, a control character on the terminal, shipped code run); {fuzzed[0]} fuzzed inputs "
+             f"(prompt files, suite files, option values), {fuzzed[1]} failures.", "",
+             "| kind | tried | exit | what the user sees | finished results | ok |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for group, case, status, seen, lost, ok in m.rows:
         cell = seen.replace("|", "\\|").replace(str(m.work), "…")
-        lines.append(f"| {group} | {case} | {status} | {cell} | {lost.replace(str(m.work), '…')} |")
+        lines.append(f"| {group} | {case} | {status} | {cell} | {lost.replace(str(m.work), '…')} | "
+                     f"{'yes' if ok else 'FAILURE'} |")
     if fuzzed[2]:
         lines += ["", "Fuzzing failures:", *[f"- {f}" for f in fuzzed[2]]]
     return "\n".join(lines) + "\n"

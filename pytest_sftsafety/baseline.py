@@ -89,9 +89,12 @@ def load(path: str | Path) -> Baseline:
         bad = [cell for cell, arr in cells.items() if arr.ndim != 3]
         if bad:
             raise ValueError(f"outcomes of {bad[0]} are not [checkpoint][prompt][sample]")
+        odd = [cell for cell, arr in cells.items() if not np.isin(arr, (-1, 0, 1)).all()]
+        if odd:
+            raise ValueError(f"outcomes of {odd[0]} are not 1, 0 or -1")
         return Baseline(path=str(path), identity=dict(document["identity"]), cells=cells,
                         models=list(document.get("models", [])))
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise ConfigError(f"{where}: damaged baseline ({exc}); make it again with --sftsafety-save-baseline") \
             from None
 

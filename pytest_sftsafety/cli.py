@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import SftSafetyError
+from .errors import SftSafetyError, printable
 
 
 def _finetune_parser(sub) -> None:
@@ -154,10 +154,12 @@ def _run_judge_agreement(args: argparse.Namespace) -> int:
     def ci(pair: tuple[float, float]) -> str:
         return f"[{pair[0]:.3f}, {pair[1]:.3f}]"
 
-    table = [[name, a.rows, a.unparsable, f"{a.kappa:.3f} {ci(a.kappa_interval)}", f"{a.accuracy:.3f}",
+    table = [[printable(" ".join(str(name).split())), a.rows, a.unparsable, f"{a.kappa:.3f} {ci(a.kappa_interval)}",
+              f"{a.accuracy:.3f}",
               f"{a.sensitivity:.3f} {ci(a.sensitivity_interval)}", f"{a.specificity:.3f} {ci(a.specificity_interval)}"]
              for name, a in results.items()]
-    print(f"judge {judge.id} on {', '.join(str(p) for p in args.labels)} ({len(rows)} rows, {seconds:.1f} s)")
+    print(printable(f"judge {judge.id} on {', '.join(str(p) for p in args.labels)} ({len(rows)} rows, "
+                    f"{seconds:.1f} s)"))
     print("1 = fulfils the request (positive), 0 = refuses; sensitivity: fulfilments recognised, specificity: "
           "refusals recognised; 95% intervals")
     print(tabulate(table, headers=["rows", "n", "unparsable", "kappa", "accuracy", "sensitivity", "specificity"],
@@ -191,15 +193,31 @@ def _report_parsers(sub) -> None:
     p.add_argument("--md", help="also write the comparison as Markdown to PATH")
 
 
+def _damaged(paths: list):
+    """A report with the right top-level keys but entries of another shape: one line, not a traceback."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def guard():
+        try:
+            yield
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            raise SftSafetyError(f"{' or '.join(map(str, paths))}: damaged report ({type(exc).__name__}: {exc}); "
+                                 f"write it again with pytest --sftsafety-json") from None
+
+    return guard()
+
+
 def _run_report(args: argparse.Namespace) -> int:
     from .report import load_report, render_table, write_outputs
 
     document = load_report(args.report)
-    print(render_table(document))
-    write_outputs(document, markdown=args.md, plot=args.plot, html=args.html)
+    with _damaged([args.report]):
+        print(render_table(document))
+        write_outputs(document, markdown=args.md, plot=args.plot, html=args.html)
     for label, path in (("Markdown summary", args.md), ("heatmap", args.plot), ("HTML report", args.html)):
         if path:
-            print(f"{label}: {path}")
+            print(printable(f"{label}: {path}"))
     return 0
 
 
@@ -207,9 +225,10 @@ def _run_compare(args: argparse.Namespace) -> int:
     from .report import load_report, render_comparison, write_text
 
     before, after = load_report(args.before), load_report(args.after)
-    print(render_comparison(before, after))
-    if args.md:
-        write_text(args.md, render_comparison(before, after, markdown=True), "comparison")
+    with _damaged([args.before, args.after]):
+        print(render_comparison(before, after))
+        if args.md:
+            write_text(args.md, render_comparison(before, after, markdown=True), "comparison")
     return 0
 
 

@@ -3,7 +3,8 @@
 import re
 
 # Characters a terminal acts on instead of showing (escape sequences begin with one) and bidirectional
-# overrides that reorder what is shown; a newline is kept for multi-line text such as the summary table.
+# overrides that reorder what is shown, and lone surrogates (undecodable bytes of a file name), which no
+# output could encode; a newline is kept for multi-line text such as the summary table.
 _UNSHOWN = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 

@@ -328,7 +328,7 @@ def finetune(recipe: Recipe, out: Path, notice: Callable[[str], None] | None = N
         if done:  # resume after the last complete epoch
             last = seed_dir / f"epoch-{done[0]}"
             set_peft_model_state_dict(model, load_file(str(last / "adapter_model.safetensors")))
-            state = torch.load(last / "training_state.pt", weights_only=False)
+            state = torch.load(last / "training_state.pt", weights_only=True)  # tensors and plain data only: no code
             if state.get("optimizer_name", optimizer_name) != optimizer_name:
                 raise ConfigError(f"{last} was trained with {state['optimizer_name']}, this machine would continue "
                                   f"with {optimizer_name}; resume where it started, or choose a new --out")

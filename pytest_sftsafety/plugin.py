@@ -513,7 +513,21 @@ def _stop_on_sigterm(config: pytest.Config) -> None:
                          "continues from them")
 
     signal.signal(signal.SIGTERM, stop)
-    config.add_cleanup(lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+    _SIGTERM_HANDLERS.append(stop)
+    config.add_cleanup(_restore_sigterm)
+
+
+_SIGTERM_HANDLERS: list = []
+
+
+def _restore_sigterm() -> None:
+    """Put the default SIGTERM back, unless something else has replaced our handler since."""
+    import signal
+
+    while _SIGTERM_HANDLERS:
+        ours = _SIGTERM_HANDLERS.pop()
+        if signal.getsignal(signal.SIGTERM) is ours:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @pytest.hookimpl(tryfirst=True, optionalhook=True)
@@ -668,6 +682,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _restore_sigterm()  # from here on, the reports are written whole: a late SIGTERM ends the process as usual
     state = session.config.stash.get(SESSION_KEY, None)
     if state is None:
         return

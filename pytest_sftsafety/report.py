@@ -70,9 +70,15 @@ def _verdict_fields(verdict) -> dict[str, Any]:
     }
 
 
+def one_line(value: Any) -> str:
+    """Text from a report on one line: a newline in a name must not start a line of its own in a table."""
+    return " ".join(str(value).split())
+
+
 def _row(label: str, domain: str, temperature: float, v: Mapping[str, Any]) -> list[str]:
     ref, cand = v["reference_refusal_rate"], v["candidate_refusal_rate"]
-    return [label, domain, temperature_label(temperature), rate_label(ref), rate_label(cand), change_label(cand, ref),
+    return [one_line(label), one_line(domain), temperature_label(temperature), rate_label(ref), rate_label(cand),
+            change_label(cand, ref),
             f">={v['band']['low']:.2f}", f"{v['test']['pvalue_holm']:.2g}", rate_label(v["minimum_detectable_drop"]),
             v["verdict"]]
 
@@ -150,11 +156,11 @@ def render_table(report: Mapping[str, Any]) -> str:
     table = tabulate(rows, headers=HEADERS, tablefmt="simple", disable_numparse=True)
     gate = report["summary"]
     unjudged = f", {gate['unjudged']} unjudged" if gate.get("unjudged") else ""
-    head = (f"{report['suite']['title']}: {gate['tests']} tests, {gate['regressions']} regressions, "
+    head = (f"{one_line(report['suite']['title'])}: {gate['tests']} tests, {gate['regressions']} regressions, "
             f"{gate['flaky']} flaky, {gate['gated']} over limits{unjudged}: gate {gate['gate'].upper()} "
             f"(alpha {report['settings']['alpha']:g} with Holm's correction over all tests; margins "
             f"{report['settings']['margin']:.2f} per category, {report['settings']['aggregate_margin']:.2f} for "
-            f"domains and overall; judge {report['judge']['id']})")
+            f"domains and overall; judge {one_line(report['judge']['id'])})")
     notes = ["band: lowest candidate refusal rate that seed and sampling noise explain (reference - margin - "
              "1.96 sigma); MDE: smallest drop this run detects with 80% power"]
     error = report["judge"].get("error_rates")
@@ -373,12 +379,12 @@ def render_comparison(before: Mapping[str, Any], after: Mapping[str, Any], markd
         failing = ("REGRESSION", "GATE", "UNJUDGED")
         note = ("newly failing" if verdict_b in failing and verdict_a not in failing else
                 "no longer failing" if verdict_a in failing and verdict_b not in failing else "")
-        text = md_text if markdown else str
+        text = md_text if markdown else one_line
         rows.append([text(key[0]), temperature_label(key[1]), rate_label(rate_a), rate_label(rate_b),
                      change_label(rate_b, rate_a), text(verdict_a), text(verdict_b), note])
     headers = ["test", "temp", "refusal A", "refusal B", "change", "verdict A", "verdict B", ""]
-    summary = [f"{label}: gate {run['summary']['gate'].upper()} ({run['created']}, "
-               f"{', '.join(run['models']['candidates'])})" for label, run in (("A", before), ("B", after))]
+    summary = [one_line(f"{label}: gate {run['summary']['gate'].upper()} ({run['created']}, "
+                        f"{', '.join(run['models']['candidates'])})") for label, run in (("A", before), ("B", after))]
     measured_by = {"suite": ("suite", "name"), "prompts": ("data", "sha256"), "judge": ("judge", "id"),
                    "seeds": ("settings", "seeds"), "temperatures": ("settings", "temperatures"),
                    "margin": ("settings", "margin")}

@@ -104,7 +104,7 @@ class Store:
         if "locked" in text or "busy" in text:
             return StoreError(f"result store {self.path} stayed locked by another process for "
                               f"{self.busy_timeout_s:g} s; wait for it to finish or pass --sftsafety-store NEW_PATH")
-        if "full" in text or "disk" in text:
+        if "database or disk is full" in text or "disk i/o error" in text.lower():
             return StoreError(f"result store {self.path}: the disk is full ({text}); free space or pass "
                               f"--sftsafety-store PATH on another disk (stored results so far are kept)")
         return StoreError(f"result store {self.path} is damaged or not a result store ({text}); move it away "

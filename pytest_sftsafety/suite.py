@@ -157,6 +157,14 @@ def load_suite(name_or_path: str = DEFAULT_SUITE) -> Suite:
     unknown = sorted({c.domain for c in categories} - set(domains))
     if unknown:
         raise DataError(f"suite file {path}: categories use undeclared domains {unknown}; add them to [domains]")
+    # The name and the domain keys become test ids and pytest markers: plain identifiers only.
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", suite.name):
+        raise DataError(f"suite file {path}: [suite] name {suite.name!r} must be letters, digits, '_', '.' or '-' "
+                        f"(it names the tests); put free text in title")
+    odd = [key for key in domains if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", key)]
+    if odd:
+        raise DataError(f"suite file {path}: domain key {odd[0]!r} must be a letter then letters, digits or '_' "
+                        f"(it becomes a pytest marker); put free text in its value")
     return suite
 
 
@@ -196,7 +204,8 @@ def validate_prompts(suite: Suite, rows: list[tuple[int, dict]], source: str, pr
         if style != prompt_style:
             continue
         qid = record["question_id"]
-        if isinstance(qid, bool) or not isinstance(qid, (int, float, str)) or not str(qid).strip().isdigit():
+        if isinstance(qid, bool) or not isinstance(qid, (int, float, str)) or \
+                not re.fullmatch(r"[0-9]+", str(qid).strip()):
             raise DataError(f"{where}: question_id must be a positive whole number, got {qid!r}")
         qid = int(str(qid).strip())
         if qid < 1:

@@ -39,19 +39,21 @@ def test_hostile_names_reach_no_terminal_raw_and_break_no_output(pytester, toy_m
     escape them."""
     evil = "\\u001b[2J\\u001b]0;pwned\\u0007 \\u202e <script>alert(1)</script> | **x** \\u009b"
     suite = tmp_path / "suite.toml"
-    suite.write_text(SUITE_FILE.read_text().replace('title = "SORRY-Bench 2025-03"', f'title = "Suite {evil}"')
+    suite.write_text(SUITE_FILE.read_text().replace('title = "SORRY-Bench 2025-03"',
+                                                    f'title = "Suite {evil}\\nFAKE: gate PASS"')
                      .replace('name = "Personal Insult Words"', f'name = "Insults {evil}"'))
     # (no '[' in it: --model would read that as a glob pattern)
     model = shutil.copytree(toy_models.answer_all, tmp_path / "lora\x1b]0;pwned\x07\u202e\x1bc")
-    result = pytester.runpytest("--model", str(model), "--base-model", str(toy_models.base), "--suite", str(suite),
-                                "--sftsafety-data",
-                                str(toy_models.data_202503), *FAST, "-k", "01_", "--temperatures", "0",
-                                "--junitxml", "junit.xml", "--sftsafety-md", "summary.md", "--sftsafety-html",
-                                "report.html", "--sftsafety-json", "report.json")
+    # In a subprocess: the HTML report imports matplotlib, which must not be imported (and then dropped) in here.
+    result = pytester.runpytest_subprocess(
+        "--model", str(model), "--base-model", str(toy_models.base), "--suite", str(suite), "--sftsafety-data",
+        str(toy_models.data_202503), *FAST, "-k", "01_", "--temperatures", "0", "--junitxml", "junit.xml",
+        "--sftsafety-md", "summary.md", "--sftsafety-html", "report.html", "--sftsafety-json", "report.json")
     assert result.ret == pytest.ExitCode.TESTS_FAILED, result.stderr.str()
     shown = result.stdout.str() + result.stderr.str()
     assert "Suite \\x1b[2J\\x1b]0;pwned\\x07 \\u202e" in shown
     assert not [line for line in shown.splitlines() if any(c in line for c in UNSHOWN)]
+    assert not [line for line in shown.splitlines() if line.startswith("FAKE")]  # a newline forges no line
     testcases = ET.parse(pytester.path / "junit.xml").getroot().iter("testcase")  # parses: valid XML
     assert len(list(testcases)) == 1
     markdown = (pytester.path / "summary.md").read_text()
@@ -127,21 +129,63 @@ def test_code_shipped_with_a_checkpoint_never_runs_without_trust_remote_code(pyt
     assert not marker.exists()
 
 
-def test_planted_tokens_and_keys_appear_in_no_output(pytester, toy_models, monkeypatch):
+def test_planted_tokens_and_keys_appear_in_no_output(pytester, toy_models, monkeypatch, loopback):
     planted = {"HF_TOKEN": "hf_PLANTEDtoken0123456789", "HUGGING_FACE_HUB_TOKEN": "hf_PLANTEDother987",
                "OPENAI_API_KEY": "sk-PLANTED-openai-42", "PERSPECTIVE_API_KEY": "PLANTED-perspective-7"}
     for name, value in planted.items():
         monkeypatch.setenv(name, value)
-    result = pytester.runpytest("--model", str(toy_models.answer_all), "--sftsafety-data",
-                                str(toy_models.data_202503), *FAST, "-k", "01_", "--sftsafety-json", "r.json",
-                                "--sftsafety-md", "r.md", "--sftsafety-html", "r.html", "--junitxml", "j.xml",
-                                "--sftsafety-samples")
+    # The api judge reads $OPENAI_API_KEY and sends it: the key is really in play.
+    loopback.respond = lambda index, call: (200, {}, {"choices": [{"message": {"content": "0"},
+                                                                   "finish_reason": "stop"}]})
+    result = pytester.runpytest_subprocess("--model", str(toy_models.answer_all), "--sftsafety-data",
+                                           str(toy_models.data_202503), *FAST, "-k", "01_", "--sftsafety-json",
+                                           "r.json", "--sftsafety-md", "r.md", "--sftsafety-html", "r.html",
+                                           "--junitxml", "j.xml", "--sftsafety-samples", "--judge", "api:judge-model",
+                                           "--judge-endpoint", f"{loopback.url}/v1")
+    assert loopback.calls and loopback.calls[0].headers["authorization"] == f"Bearer {planted['OPENAI_API_KEY']}"
     hub = pytester.runpytest("--model", str(toy_models.answer_all), "--sftsafety-data", "someorg/gated-set", *FAST)
-    assert result.ret == pytest.ExitCode.TESTS_FAILED and hub.ret == pytest.ExitCode.USAGE_ERROR
+    assert result.ret == pytest.ExitCode.OK and hub.ret == pytest.ExitCode.USAGE_ERROR  # the judge says: refusals
     texts = [result.stdout.str(), result.stderr.str(), hub.stdout.str(), hub.stderr.str(),
              *[(pytester.path / name).read_text() for name in ("r.json", "r.md", "r.html", "j.xml")],
              (pytester.path / "store.sqlite").read_bytes().decode("latin-1")]
     assert not [value for value in planted.values() for text in texts if value in text]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (('name = "sorry_bench_202503"', 'name = "demo\\u001b[31m"'), "[suite] name 'demo\\x1b[31m' must be letters"),
+    (("hate_speech = ", "_hate = "), "domain key '_hate' must be a letter then"),
+])
+def test_suite_names_and_domain_keys_that_become_test_ids_or_markers_are_checked(tmp_path, edit, message):
+    suite = tmp_path / "suite.toml"
+    suite.write_text(SUITE_FILE.read_text().replace(*edit, 1).replace('domain = "hate_speech"', 'domain = "_hate"')
+                     if edit[1].startswith("_hate") else SUITE_FILE.read_text().replace(*edit, 1))
+    with pytest.raises(SftSafetyError) as caught:
+        load_suite(str(suite))
+    assert message in str(caught.value)
+
+
+def test_odd_numbers_damaged_stores_and_baselines_are_named_for_what_they_are(tmp_path):
+    from pytest_sftsafety.baseline import load
+    from pytest_sftsafety.store import Store
+
+    rows = toy.placeholder_questions(SUITE)
+    rows[4]["question_id"] = "\u00b2"  # a digit to str.isdigit, not a number
+    with pytest.raises(SftSafetyError, match="question_id must be a positive whole number"):
+        load_prompts(SUITE, str(toy.write_jsonl(tmp_path / "q.jsonl", rows)))
+    store = tmp_path / "store.sqlite"
+    Store(store).close()
+    data = bytearray(store.read_bytes())
+    data[4096:8192] = b"\xff" * 4096  # a damaged page, not a full disk
+    store.write_bytes(bytes(data))
+    with pytest.raises(SftSafetyError) as caught:
+        Store(store).get_generations(["k"])
+    assert "is damaged" in str(caught.value) and "disk is full" not in str(caught.value)
+    for outcomes in ([[[300]]], [[[7]]]):
+        baseline = tmp_path / "baseline.json"
+        baseline.write_text(json.dumps({"schema": "pytest-sftsafety/baseline", "version": 1, "identity": {},
+                                        "cells": [{"category_id": 1, "temperature": 0, "outcomes": outcomes}]}))
+        with pytest.raises(SftSafetyError, match="damaged baseline"):
+            load(baseline)
 
 
 # -- fuzzing: every input loads or is the project's own error ---------------------------------------------
@@ -192,3 +236,30 @@ def test_fuzzed_option_values(values):
         build_config(lambda spec: values.get(spec.dest) if spec.dest != "model" else ["a"])
     except SftSafetyError as exc:
         assert str(exc) and "\n" not in str(exc)
+
+
+JSON = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=6)),
+                    lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                            st.dictionaries(st.text(max_size=8), inner, max_size=4)), max_leaves=12)
+
+
+@FUZZ
+@given(cells=JSON, identity=JSON, entries=JSON)
+def test_fuzzed_baselines_and_reports(tmp_path_factory, cells, identity, entries):
+    """Baselines and reports someone else wrote: loaded and rendered, or the project's own error."""
+    from pytest_sftsafety.baseline import load
+    from pytest_sftsafety.cli import main
+
+    folder = tmp_path_factory.mktemp("json")
+    baseline = folder / "baseline.json"
+    baseline.write_text(json.dumps({"schema": "pytest-sftsafety/baseline", "version": 1, "identity": identity,
+                                    "cells": cells}))
+    try:
+        load(baseline)
+    except SftSafetyError:
+        pass
+    report = folder / "report.json"
+    report.write_text(json.dumps({"schema": "pytest-sftsafety/report", "version": 4, "created": "x", "suite": {},
+                                  "data": {}, "models": {}, "judge": {}, "settings": {}, "entries": entries,
+                                  "aggregates": [], "summary": {}}))
+    assert main(["report", str(report)]) in (0, 2)  # 2: the one-line error of sftsafety commands

@@ -114,7 +114,7 @@ class HFBackend:
             with quiet_loading():
                 model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         except Exception as exc:
-            if needs_remote_code(source) and not self.cfg.trust_remote_code:
+            if needs_remote_code(source) and not self.cfg.trust_remote_code and "trust_remote_code" in str(exc):
                 raise ModelLoadError(f"{label} {source}: the checkpoint needs model code of its own (auto_map in "
                                      f"config.json), which is never run by default; pass --trust-remote-code if "
                                      f"you trust its author") from None
