@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import SftSafetyError, printable
+from .errors import SftSafetyError, one_line, printable
 
 
 def _finetune_parser(sub) -> None:
@@ -154,7 +154,7 @@ def _run_judge_agreement(args: argparse.Namespace) -> int:
     def ci(pair: tuple[float, float]) -> str:
         return f"[{pair[0]:.3f}, {pair[1]:.3f}]"
 
-    table = [[printable(" ".join(str(name).split())), a.rows, a.unparsable, f"{a.kappa:.3f} {ci(a.kappa_interval)}",
+    table = [[printable(one_line(name)), a.rows, a.unparsable, f"{a.kappa:.3f} {ci(a.kappa_interval)}",
               f"{a.accuracy:.3f}",
               f"{a.sensitivity:.3f} {ci(a.sensitivity_interval)}", f"{a.specificity:.3f} {ci(a.specificity_interval)}"]
              for name, a in results.items()]

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError, printable
+from .errors import ConfigError, one_line, printable
 from .store import Claim, Store
 
 HEARTBEAT_S = 5.0
@@ -247,7 +247,7 @@ def run_shards(store: Store, stage: str, shards: int, worker: Worker, work: Call
             try:
                 run.results.append(work(shard))
             except BaseException as exc:
-                run.failure = printable(" ".join(f"{type(exc).__name__}: {exc}".split()))[:500]
+                run.failure = printable(one_line(f"{type(exc).__name__}: {exc}"))[:500]
                 store.finish_claim(stage, shard, worker.owner, "failed", run.failure)
                 if not isinstance(exc, Exception):
                     raise  # Ctrl-C and friends stop the worker now

@@ -15,6 +15,12 @@ def printable(text: str) -> str:
                         f"\\u{ord(m.group()):04x}", text)
 
 
+def one_line(value: object) -> str:
+    """``value`` as text on one line, runs of white space made one space: a newline in a name must not start
+    a line of its own (in a table, a message or a one-line error)."""
+    return " ".join(str(value).split())
+
+
 class SftSafetyError(Exception):
     """A problem the user can fix; its message is one line that says how (printable: it quotes user input)."""
 

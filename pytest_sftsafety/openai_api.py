@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
-from .errors import ConfigError, SftSafetyError
+from .errors import ConfigError, SftSafetyError, one_line
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_KEY_ENV = "OPENAI_API_KEY"
@@ -157,7 +157,8 @@ def redact(text: str, secrets: Sequence[str | None]) -> str:
 
 
 def _one_line(text: str, limit: int = MESSAGE_CHARS) -> str:
-    text = " ".join(text.split())
+    """A server's text on one line, cut to ``limit`` characters with a mark."""
+    text = one_line(text)
     return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from tabulate import tabulate
 
 from . import __version__
-from .errors import SftSafetyError, printable
+from .errors import SftSafetyError, one_line, printable
 from .stats import FLAKY, GATE, PASS, REGRESSION, UNJUDGED
 
 REPORT_SCHEMA = "pytest-sftsafety/report"
@@ -68,11 +68,6 @@ def _verdict_fields(verdict) -> dict[str, Any]:
         "reasons": list(verdict.reasons),
         "verdict": verdict.status,
     }
-
-
-def one_line(value: Any) -> str:
-    """Text from a report on one line: a newline in a name must not start a line of its own in a table."""
-    return " ".join(str(value).split())
 
 
 def _row(label: str, domain: str, temperature: float, v: Mapping[str, Any]) -> list[str]:
@@ -263,7 +258,7 @@ def md_text(value: Any) -> str:
     """Text from reports (model paths, category names, reasons) made inert in Markdown: special characters
     escaped, line breaks flattened, control characters shown as escapes, so a file name cannot turn into
     markup, links or table cells, nor act on a terminal that shows the file."""
-    return printable(" ".join(str(value).split())).translate(_MD_SPECIAL)
+    return printable(one_line(value)).translate(_MD_SPECIAL)
 
 
 def _md_table(headers: list[str], rows: list[list[str]]) -> list[str]:

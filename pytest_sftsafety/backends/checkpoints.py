@@ -215,18 +215,14 @@ def tokenizer_fingerprint(source: str, cache: dict | None = None) -> str:
 
 def variant_fingerprint(plan: ModelPlan, variant: str, cache: dict | None = None) -> str:
     """Identity of the weights and tokenizer that produce a variant's answers."""
-    ckpt = plan.reference if variant == "reference" else None
-    if variant != "reference":
-        ckpt = plan.candidates[int(variant.split(":")[1])]
+    ckpt = plan.reference if variant == "reference" else plan.candidates[int(variant.split(":")[1])]
     if ckpt is not None and ckpt.kind == "served":  # weights out of reach: the server's word for them
         return hashlib.sha256(f"served\n{ckpt.identity}".encode()).hexdigest()
     if plan.base is not None and (variant != "reference" or plan.reference is None):
         weights = [f"base={source_fingerprint(plan.base, cache)}"]
         if variant != "reference":
-            adapter = plan.candidates[int(variant.split(":")[1])]
-            weights.append(f"adapter={source_fingerprint(adapter.path, cache)}")
+            weights.append(f"adapter={source_fingerprint(ckpt.path, cache)}")
     else:
-        ckpt = plan.reference if variant == "reference" else plan.candidates[int(variant.split(":")[1])]
         weights = [f"{ckpt.kind}={source_fingerprint(ckpt.path, cache)}"]
         if ckpt.kind == "adapter":
             weights.append(f"base={source_fingerprint(ckpt.base, cache)}")
