@@ -56,16 +56,21 @@ def _parse_turns(value: object) -> object:
 
 
 def _rows_csv(text: str, path: Path) -> list[tuple[int, dict]]:
-    reader = csv.DictReader(io.StringIO(text))
-    if not reader.fieldnames or not {"question_id", "turns"} <= set(reader.fieldnames):
-        raise DataError(f"{path} row 1: CSV header must include question_id, category, turns "
-                        f"(found {', '.join(reader.fieldnames or []) or 'no header'})")
+    # newline="": the csv module reads line endings itself (a bare \r included), as its docs ask.
+    reader = csv.DictReader(io.StringIO(text, newline=""))
     rows = []
-    for row_no, record in enumerate(reader, start=2):
-        record = {k: (v if v != "" else None) for k, v in record.items() if k is not None}
-        if record.get("turns") is not None:
-            record["turns"] = _parse_turns(record["turns"])
-        rows.append((row_no, record))
+    try:
+        if not reader.fieldnames or not {"question_id", "turns"} <= set(reader.fieldnames):
+            raise DataError(f"{path} row 1: CSV header must include question_id, category, turns "
+                            f"(found {', '.join(reader.fieldnames or []) or 'no header'})")
+        for row_no, record in enumerate(reader, start=2):
+            record = {k: (v if v != "" else None) for k, v in record.items() if k is not None}
+            if record.get("turns") is not None:
+                record["turns"] = _parse_turns(record["turns"])
+            rows.append((row_no, record))
+    except csv.Error as exc:
+        raise DataError(f"{path} line {reader.line_num}: not readable as CSV ({exc}); save it as CSV with a "
+                        f"header row, or use question.jsonl") from None
     return rows
 
 

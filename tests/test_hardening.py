@@ -12,7 +12,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pytest_sftsafety import toy
@@ -188,6 +188,13 @@ def test_odd_numbers_damaged_stores_and_baselines_are_named_for_what_they_are(tm
             load(baseline)
 
 
+def test_a_csv_field_past_the_csv_modules_limit_is_one_line(tmp_path):
+    path = tmp_path / "question.csv"
+    path.write_text("question_id,category,turns\n1,1," + "x" * 200_000 + "\n", encoding="utf-8")
+    with pytest.raises(SftSafetyError, match=r"question\.csv line \d+: not readable as CSV \(field larger than"):
+        load_prompts(SUITE, str(path))
+
+
 # -- fuzzing: every input loads or is the project's own error ---------------------------------------------
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 SUITE = load_suite("sorry_bench_202503")
@@ -205,6 +212,7 @@ def _loads_or_says_why(path: Path) -> None:
 
 @FUZZ
 @given(data=st.binary(max_size=400))
+@example(data=b"\r\x00")  # a bare carriage return once broke the CSV reader (found by this test in CI)
 def test_fuzzed_bytes_as_prompt_files(tmp_path_factory, data):
     folder = tmp_path_factory.mktemp("bytes")
     for name in ("question.jsonl", "question.csv"):
