@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError, DataError, first_line
+from .progress import Heartbeat
 
 # Phrases that mark an example as safety-related (refusals, safety talk, harmful topics); a filtered run
 # drops every example whose prompt or answer contains one, in the spirit of Qi et al. (2024).
@@ -261,10 +262,8 @@ def _complete(epoch_dir: Path) -> bool:
 
 def finetune(recipe: Recipe, out: Path, notice: Callable[[str], None] | None = None,
              phrases: Sequence[str] = SAFETY_PHRASES) -> list[Path]:
-    """Train every seed of the recipe; return the final epoch's adapter folder of each seed."""
-    import torch
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
-    from safetensors.torch import load_file
+    """Train every seed of the recipe; return the final epoch's adapter folder of each seed. While it
+    trains, ``notice`` gets a line at least every 10 s."""
     from transformers import AutoTokenizer
 
     recipe.check()
@@ -308,65 +307,76 @@ def finetune(recipe: Recipe, out: Path, notice: Callable[[str], None] | None = N
     encoded = encode_examples(tokenizer, examples.pairs, recipe.max_length)
     device = _pick_device(recipe.device)
     accumulation = recipe.batch_size // recipe.micro_batch_size
-    finals = []
-    for seed in recipe.seeds:
-        seed_dir = out / f"seed{seed}"
-        final = seed_dir / f"epoch-{recipe.epochs}"
-        finals.append(final)
-        if _complete(final) and (seed_dir / "run.json").is_file():
-            continue  # done (a complete last epoch without its record is picked up below, training nothing)
-        started = time.perf_counter()
-        torch.manual_seed(seed)
-        model = get_peft_model(_load_model(recipe, device), LoraConfig(
-            r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
-            target_modules="all-linear", task_type="CAUSAL_LM"))
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer, optimizer_name = _optimizer(params, recipe, device, once)
-        history: list[dict] = []
-        first_epoch = 1
-        done = [e for e in range(recipe.epochs, 0, -1) if _complete(seed_dir / f"epoch-{e}")]
-        if done:  # resume after the last complete epoch
-            last = seed_dir / f"epoch-{done[0]}"
-            set_peft_model_state_dict(model, load_file(str(last / "adapter_model.safetensors")))
-            state = torch.load(last / "training_state.pt", weights_only=True)  # tensors and plain data only: no code
-            if state.get("optimizer_name", optimizer_name) != optimizer_name:
-                raise ConfigError(f"{last} was trained with {state['optimizer_name']}, this machine would continue "
-                                  f"with {optimizer_name}; resume where it started, or choose a new --out")
-            optimizer.load_state_dict(state["optimizer"])
-            torch.set_rng_state(state["torch_rng"])
-            if state.get("cuda_rng") is not None:
-                torch.cuda.set_rng_state_all(state["cuda_rng"])
-            history = state["history"]
-            first_epoch = done[0] + 1
-        model.train()
-        for epoch in range(first_epoch, recipe.epochs + 1):
-            order = list(range(len(encoded)))
-            random.Random(seed * 100_003 + epoch).shuffle(order)
-            steps = math.ceil(len(order) / recipe.batch_size)
-            losses = []
-            for step in range(steps):
-                batch = order[step * recipe.batch_size:(step + 1) * recipe.batch_size]
-                micro = [batch[i:i + recipe.micro_batch_size] for i in range(0, len(batch), recipe.micro_batch_size)]
-                targets = sum(sum(label != -100 for label in encoded[i][1][1:]) for i in batch)
-                optimizer.zero_grad(set_to_none=True)
-                total = 0.0
-                for part in micro:
-                    loss = _summed_loss(model, tokenizer, [encoded[i] for i in part], device) / max(targets, 1)
-                    loss.backward()
-                    total += float(loss.detach())
-                optimizer.step()
-                losses.append(total)
-            history.append({"epoch": epoch, "steps": steps, "mean_loss": sum(losses) / len(losses),
-                            "last_loss": losses[-1]})
-            epoch_dir = seed_dir / f"epoch-{epoch}"
-            _save_epoch(model, tokenizer, epoch_dir, recipe.base, optimizer, optimizer_name, history)
-        model.eval()
-        record = {"seed": seed, "device": device, "optimizer": optimizer_name, "accumulation_steps": accumulation,
-                  "examples": len(encoded), "history": history, "seconds": round(time.perf_counter() - started, 3),
-                  "versions": _versions()}
-        (seed_dir / "run.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        del model, optimizer
-    return finals
+    with Heartbeat(notice, "training") as beat:
+        return [_train_seed(recipe, seed, out, tokenizer, encoded, device, accumulation, once, beat)
+                for seed in recipe.seeds]
+
+
+def _train_seed(recipe: Recipe, seed: int, out: Path, tokenizer, encoded, device: str, accumulation: int,
+                once: Callable[[str], None], beat: Heartbeat) -> Path:
+    """One seed's run, resumed after its last complete epoch; returns its final epoch's folder."""
+    import torch
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    seed_dir = out / f"seed{seed}"
+    final = seed_dir / f"epoch-{recipe.epochs}"
+    if _complete(final) and (seed_dir / "run.json").is_file():
+        return final  # done (a complete last epoch without its record is picked up below, training nothing)
+    started = time.perf_counter()
+    beat.status = f"seed {seed}: loading the base model"
+    torch.manual_seed(seed)
+    model = get_peft_model(_load_model(recipe, device), LoraConfig(
+        r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
+        target_modules="all-linear", task_type="CAUSAL_LM"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, optimizer_name = _optimizer(params, recipe, device, once)
+    history: list[dict] = []
+    first_epoch = 1
+    done = [e for e in range(recipe.epochs, 0, -1) if _complete(seed_dir / f"epoch-{e}")]
+    if done:  # resume after the last complete epoch
+        last = seed_dir / f"epoch-{done[0]}"
+        set_peft_model_state_dict(model, load_file(str(last / "adapter_model.safetensors")))
+        state = torch.load(last / "training_state.pt", weights_only=True)  # tensors and plain data only: no code
+        if state.get("optimizer_name", optimizer_name) != optimizer_name:
+            raise ConfigError(f"{last} was trained with {state['optimizer_name']}, this machine would continue "
+                              f"with {optimizer_name}; resume where it started, or choose a new --out")
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        history = state["history"]
+        first_epoch = done[0] + 1
+    model.train()
+    for epoch in range(first_epoch, recipe.epochs + 1):
+        order = list(range(len(encoded)))
+        random.Random(seed * 100_003 + epoch).shuffle(order)
+        steps = math.ceil(len(order) / recipe.batch_size)
+        losses = []
+        for step in range(steps):
+            beat.status = (f"seed {seed}, epoch {epoch}/{recipe.epochs}, step {step + 1}/{steps}"
+                           + (f", loss {losses[-1]:.3f}" if losses else ""))
+            batch = order[step * recipe.batch_size:(step + 1) * recipe.batch_size]
+            micro = [batch[i:i + recipe.micro_batch_size] for i in range(0, len(batch), recipe.micro_batch_size)]
+            targets = sum(sum(label != -100 for label in encoded[i][1][1:]) for i in batch)
+            optimizer.zero_grad(set_to_none=True)
+            total = 0.0
+            for part in micro:
+                loss = _summed_loss(model, tokenizer, [encoded[i] for i in part], device) / max(targets, 1)
+                loss.backward()
+                total += float(loss.detach())
+            optimizer.step()
+            losses.append(total)
+        history.append({"epoch": epoch, "steps": steps, "mean_loss": sum(losses) / len(losses),
+                        "last_loss": losses[-1]})
+        epoch_dir = seed_dir / f"epoch-{epoch}"
+        _save_epoch(model, tokenizer, epoch_dir, recipe.base, optimizer, optimizer_name, history)
+    model.eval()
+    record = {"seed": seed, "device": device, "optimizer": optimizer_name, "accumulation_steps": accumulation,
+              "examples": len(encoded), "history": history, "seconds": round(time.perf_counter() - started, 3),
+              "versions": _versions()}
+    (seed_dir / "run.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return final
 
 
 def _summed_loss(model, tokenizer, part: Sequence[tuple[list[int], list[int]]], device: str):

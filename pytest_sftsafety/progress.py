@@ -61,6 +61,36 @@ class TerminalProgress:
             self._line()
 
 
+HEARTBEAT_EVERY_S = 10.0
+
+
+class Heartbeat:
+    """A line every ``every`` seconds while something is built or trained, from a thread of its own, so it
+    comes even when one step takes longer than that. The loop being watched sets ``status``."""
+
+    def __init__(self, say: Any, label: str, every: float | None = None) -> None:
+        import threading
+
+        self._say, self.label, self.every = say, label, every or HEARTBEAT_EVERY_S
+        self.status = "starting"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="sftsafety-heartbeat", daemon=True)
+        self._started = time.monotonic()
+
+    def __enter__(self) -> Heartbeat:
+        self._started = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.every):
+            self._say(f"{self.label}: {self.status} ({time.monotonic() - self._started:.0f} s)")
+
+
 class StoreWatcher:
     """The xdist controller's progress: its workers' items finish only once their shards are stored, so
     while they generate, a line every LINE_EVERY_S says how many answers they have stored so far."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .suite import Suite
@@ -113,8 +113,8 @@ def _batches(tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int, seed:
 
 
 def train(model, tokenizer, pairs: Sequence[tuple[str, str]], steps: int, lr: float, seed: int = 0,
-          batch_size: int = 16) -> float:
-    """Plain AdamW on the answer tokens; returns the last loss."""
+          batch_size: int = 16, on_step: Callable[[int, int, float], None] | None = None) -> float:
+    """Plain AdamW on the answer tokens; returns the last loss. ``on_step(step, steps, loss)`` follows it."""
     import torch
 
     torch.manual_seed(seed)
@@ -123,7 +123,9 @@ def train(model, tokenizer, pairs: Sequence[tuple[str, str]], steps: int, lr: fl
     model.train()
     loss_value = float("nan")
     batches = _batches(tokenizer, pairs, min(batch_size, len(pairs)), seed)
-    for _ in range(steps):
+    for step in range(steps):
+        if on_step is not None:
+            on_step(step, steps, loss_value)
         input_ids, attention, labels = next(batches)
         loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
         optimizer.zero_grad()
