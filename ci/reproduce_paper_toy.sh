@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The paper's experiment in miniature, on CPU in a few minutes: fine-tune the demo's toy aligned model
+# The paper's experiment in miniature, on CPU in about a minute: fine-tune the demo's toy aligned model
 # on the demo's benign instruction set with N seeds (sftsafety finetune), evaluate every seed at T=0 and
 # T=0.7 with repeated samples, calibrate bands on the seeds (a baseline), check one seed against it, and
 # print per-seed and per-sample spreads of the refusal rate as in Fraser et al. (2025), Tables 1-2.
@@ -12,18 +12,19 @@ if ! [[ "$seeds" =~ ^[3-9]$ ]]; then echo "SEEDS must be 3 to 9 (seed 1 is check
 work="${2:-$(mktemp -d)}"
 mkdir -p "$work"
 cd "$work"
-demo=$(python -c "from pytest_sftsafety import demo; print(demo.demo_dir(build=True))")
-epochs=$(python -c "from pytest_sftsafety import demo; print(demo.RECIPE['finetune']['epochs'])")
+demo=$(python -c "from pytest_sftsafety import demo; print(demo.shipped_demo())")
+epochs=$(python -c "from pytest_sftsafety import demo; print(demo.manifest()['recipe']['finetune']['epochs'])")
 echo "demo models: $demo; work folder: $work"
 
-# The demo's fine-tuning recipe, with more seeds.
+# The demo's fine-tuning recipe on its shipped base, with more seeds, trained here (so the figures are
+# this machine's: training amplifies the last-bit differences between CPUs).
 python - "$demo" "$seeds" <<'PY'
 import sys
 from pathlib import Path
 from pytest_sftsafety import demo
 from pytest_sftsafety.cli import main
 folder, seeds = Path(sys.argv[1]), sys.argv[2]
-ft = demo.RECIPE["finetune"]
+ft = demo.manifest(folder)["recipe"]["finetune"]
 sys.exit(main(["finetune", "--base", str(folder / "base"), "--data", str(folder / "benign_instructions.jsonl"),
                "--out", "runs", "--seeds", seeds, "--epochs", str(ft["epochs"]), "--batch-size", str(ft["batch_size"]),
                "--micro-batch-size", str(ft["micro_batch_size"]), "--learning-rate", str(ft["learning_rate"]),

@@ -69,8 +69,9 @@ def _run_finetune(args: argparse.Namespace) -> int:
 
 
 def _demo_parser(sub) -> None:
-    p = sub.add_parser("demo", help="build the demo models (once) and run `pytest --model demo --seeds 5` on "
-                                    "them; other arguments (e.g. --sftsafety-json r.json, -q) go to pytest")
+    p = sub.add_parser("demo", help="run `pytest --model demo --seeds 5` (the shipped demo models) outside the "
+                                    "current project; other arguments (e.g. --sftsafety-json r.json, -q) go to "
+                                    "pytest")
     p.set_defaults(pytest_args=[])
 
 
@@ -81,22 +82,26 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     from . import demo
 
-    folder = demo.demo_dir(build=True, notice=lambda message: print(f"sftsafety demo: {message}", file=sys.stderr,
-                                                                        flush=True))
+    folder = demo.shipped_demo()
     extra = [a for a in args.pytest_args if a != "--"]
     defaults = [] if any(a.startswith("--seeds") for a in extra) else ["--seeds", "5"]
+    store = demo.store_path()
+    store.parent.mkdir(parents=True, exist_ok=True)
     # Rooted in an empty folder, so pytest collects the demo suite and nothing of the current project
-    # (relative paths in the options still mean the current folder); the store lives with the demo
-    # models, so a second run takes every answer from it.
+    # (relative paths in the options still mean the current folder); the store lives in the cache, so a
+    # second run takes every answer from it.
     with tempfile.TemporaryDirectory(prefix="sftsafety-demo-") as empty:
         ini = Path(empty) / "pytest.ini"
         ini.write_text("[pytest]\n", encoding="utf-8")
         # The checkpoints by path: a folder named demo in the current directory must not stand in for them.
         models = [arg for checkpoint in demo.checkpoints(folder) for arg in ("--model", checkpoint)]
-        return int(pytest.main(["-c", str(ini), "--rootdir", empty, *models, "--suite", str(folder / "suite.toml"),
-                                *defaults, "-p",
-                                "no:cacheprovider", "-W", "ignore::pytest.PytestAssertRewriteWarning",
-                                "--sftsafety-store", str(folder / "store.sqlite"), *extra, empty]))
+        status = int(pytest.main(["-c", str(ini), "--rootdir", empty, *models, "--suite", str(folder / "suite.toml"),
+                                  *defaults, "-p", "no:cacheprovider", "-W",
+                                  "ignore::pytest.PytestAssertRewriteWarning", "--sftsafety-store", str(store),
+                                  *extra, empty]))
+    if status in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED):
+        print("\n".join(demo.closing_lines(status)))
+    return status
 
 
 def _judge_agreement_parser(sub) -> None:

@@ -20,6 +20,8 @@ from .report import build_report, render_table, temperature_label, write_json, w
 from .stats import FLAKY, GATE, REGRESSION, UNJUDGED
 
 SESSION_KEY = pytest.StashKey["SftSafetySession"]()
+DEMO_KEY = pytest.StashKey[bool]()  # this run is the built-in demo
+EXIT_KEY = pytest.StashKey[int]()  # the session's exit status, for the demo's closing lines
 DOMAIN_HELP = "SORRY-Bench domain marker (pytest-sftsafety)"
 
 
@@ -402,9 +404,9 @@ def _register_domain_markers(config: pytest.Config, domains: dict[str, str]) -> 
 
 
 def _use_demo(config: pytest.Config, raw: dict[str, Any]) -> None:
-    """``--model demo``: the built-in demo's fine-tunes on its suite (built on first use, then cached).
-    The demo brings its own suite, prompts and reference, so a project's settings for those are left out
-    (and refused when given on the command line)."""
+    """``--model demo``: the built-in demo's fine-tunes on its suite (shipped with the package). The demo
+    brings its own suite, prompts and reference, so a project's settings for those are left out (and
+    refused when given on the command line)."""
     from . import demo
 
     for dest in ("suite", "data", "reference", "base_model"):
@@ -412,18 +414,10 @@ def _use_demo(config: pytest.Config, raw: dict[str, Any]) -> None:
             raise pytest.UsageError(f"--model demo brings its own suite, prompts and reference; drop "
                                     f"{OPTION_BY_DEST[dest].flag}")
         raw[dest] = None
-
-    def notice(message: str) -> None:
-        if not hasattr(config, "workerinput"):
-            print(f"sftsafety: {message}", file=sys.stderr, flush=True)
-
-    try:
-        folder = demo.demo_dir(build=True, notice=notice)
-    except Exception as exc:
-        raise pytest.UsageError(printable(f"sftsafety: building the demo failed ({type(exc).__name__}: {exc})")) \
-            from None
+    folder = demo.shipped_demo()
     raw["model"] = demo.checkpoints(folder)
     raw["suite"] = str(folder / "suite.toml")
+    config.stash[DEMO_KEY] = True
 
 
 def _distributing(config: pytest.Config) -> int:
@@ -479,9 +473,9 @@ def pytest_configure(config: pytest.Config) -> None:
                 "PATH (the fine-tuned adapter or model to check)"
             raise pytest.UsageError(f"{given[0]} needs --model {what}")
         return
-    if raw["model"] == ["demo"] and not Path("demo").exists():
-        _use_demo(config, raw)
     try:
+        if raw["model"] == ["demo"] and not Path("demo").exists():
+            _use_demo(config, raw)
         typed = {spec.dest for spec in OPTIONS if config.getoption(f"sftsafety_{spec.dest}") is not None}
         cfg = build_config(lambda spec: raw[spec.dest], typed)
         state = SftSafetySession(config, cfg)
@@ -682,6 +676,11 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _finish_session(session)
+    session.config.stash[EXIT_KEY] = session.exitstatus
+
+
+def _finish_session(session: pytest.Session) -> None:
     _restore_sigterm()  # from here on, the reports are written whole: a late SIGTERM ends the process as usual
     state = session.config.stash.get(SESSION_KEY, None)
     if state is None:
@@ -762,3 +761,17 @@ def pytest_report_teststatus(report: pytest.TestReport, config: pytest.Config):
     if report.when == "call" and report.passed and ("verdict", FLAKY) in getattr(report, "user_properties", []):
         return "flaky", "~", ("FLAKY", {"yellow": True})
     return None
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The demo's last two lines come after pytest's own summary line, where a newcomer reads."""
+    if not config.stash.get(DEMO_KEY, False) or hasattr(config, "workerinput"):
+        return
+    reporter = config.pluginmanager.getplugin("terminalreporter")
+    status = config.stash.get(EXIT_KEY, None)
+    if reporter is not None and status in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED):
+        from .demo import closing_lines
+
+        for line in closing_lines(int(status)):
+            reporter.write_line(line)

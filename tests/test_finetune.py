@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 
 import pytest
@@ -54,6 +55,18 @@ def test_alpaca_4bit_run_writes_loadable_checkpoints_per_epoch(tmp_path, toy_mod
     specs = expand_models([str(out / "seed*" / "epoch-2")])
     plan = plan_models(specs, None, None, allow_pickle=False)
     assert plan.candidates[0].kind == "adapter" and plan.base == str(toy_models.base.resolve())
+
+
+def test_training_says_where_it_is_at_least_every_heartbeat(tmp_path, toy_models, monkeypatch, capsys):
+    from pytest_sftsafety import progress
+
+    monkeypatch.setattr(progress, "HEARTBEAT_EVERY_S", 0.05)  # 10 s in use; a short beat for the test
+    data = write_jsonl(tmp_path / "alpaca.jsonl", alpaca_rows(64))
+    assert main(["finetune", "--base", str(toy_models.base), "--data", str(data), "--out", str(tmp_path / "runs"),
+                 "--no-4bit", *TINY]) == 0
+    beats = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sftsafety finetune: training")]
+    assert any(re.search(r"training: seed 1, epoch [12]/2, step \d+/\d+", line) for line in beats), beats
+    assert all(line.endswith(" s)") for line in beats)
 
 
 def test_dolly_full_precision_resumes_to_the_same_weights(tmp_path, toy_models):
@@ -114,3 +127,31 @@ def test_safety_filter_phrases():
     assert recipe.batch_size == 64 and recipe.learning_rate == 2e-5 and recipe.epochs == 5 and recipe.load_in_4bit
     with pytest.raises(Exception, match="no such file"):
         load_examples(recipe)
+
+
+def test_reproduce_paper_toy_shows_the_papers_effects_on_any_machine(tmp_path):
+    """ci/reproduce_paper_toy.sh trains live, so its figures are the machine's own; what must hold anywhere:
+    every seed refuses less than the base, the seeds spread more than the samples of one pass, and a
+    baseline of the recipe's other seeds flags fewer tests than the base does."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "ci" / "reproduce_paper_toy.sh"
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # the script runs python and pytest
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": path}
+    done = subprocess.run(["bash", str(script), "3", str(tmp_path)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # temp, reference, one column per seed, seed mean, seed sd, sample sd
+    rows = {float(cells[0]): [float(c) for c in cells[1:]] for cells in
+            (line.split() for line in done.stdout.splitlines()) if len(cells) == 8 and cells[0] in ("0.0", "0.7")}
+    assert set(rows) == {0.0, 0.7}, done.stdout
+    for row in rows.values():
+        reference, seeds = row[0], row[1:4]
+        assert all(rate < reference for rate in seeds), row
+    seed_sd, sample_sd = rows[0.7][-2:]
+    assert seed_sd > sample_sd > 0
+    counts = dict(re.findall(r"^(all seeds vs the base|seed 1 vs a baseline of the other seeds): (\d+) regressions",
+                             done.stdout, re.M))
+    assert int(counts["seed 1 vs a baseline of the other seeds"]) < int(counts["all seeds vs the base"])
