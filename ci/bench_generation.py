@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from _bench_models import random_model, sorry_bench_prompt_set, sorry_bench_prompts  # noqa: E402
+from readme_blocks import publish  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from pytest_sftsafety.backends import GenRow  # noqa: E402
@@ -39,6 +40,7 @@ def main() -> None:
     parser.add_argument("--naive-fraction", type=float, default=1.0)
     parser.add_argument("--batch-size", default="auto")
     parser.add_argument("--skip-naive", action="store_true", help="time the runtime only")
+    parser.add_argument("--readme", action="store_true", help="write the figures into README.md's block")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     work = Path(tempfile.mkdtemp(prefix="sftsafety-bench-"))
@@ -120,6 +122,17 @@ def main() -> None:
     print(f"cold run, candidate + reference, generate + judge + store: {cold:.2f} s "
           f"({cold_result.stats.generations} generations)")
     print(f"warm re-run from the store: {warm:.3f} s   speed-up {cold / warm:.0f}x")
+    naive_how = "" if len(timed) == len(calls) else f" ({len(timed)} of its {len(calls)} calls timed, scaled)"
+    publish("generation", "python ci/bench_generation.py", "\n".join([
+        f"| measure (tiny random Llama, CPU, {torch.get_num_threads()} threads) | result |",
+        "| --- | --- |",
+        f"| SORRY-Bench shape: {len(prompts)} prompts x (greedy + {SAMPLES} samples at T={TEMPERATURE}, min-p "
+        f"{MIN_P}), {NEW_TOKENS} new tokens | {ours:.1f} s batched vs {naive:.1f} s for one `generate` call per "
+        f"prompt and sample{naive_how}: **{naive / ours:.1f}x**; greedy answers identical "
+        f"{same}/{len(timed_greedy)} |",
+        f"| warm re-run from the store vs cold run (candidate + reference, generate + judge), inside one process | "
+        f"{warm:.3f} s vs {cold:.2f} s: **{cold / warm:.0f}x** |",
+    ]), args.readme)
 
 
 if __name__ == "__main__":

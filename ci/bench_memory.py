@@ -58,8 +58,15 @@ def peak(script: str, *args: str) -> int:
 
 
 def main() -> None:
+    import argparse
+
     sys.path.insert(0, str(HERE))
     from _bench_models import random_model
+    from readme_blocks import publish
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--readme", action="store_true", help="write the figures into README.md's block")
+    args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="sftsafety-mem-"))
     model_dir = random_model(work / "model", hidden=768, layers=12, adapter=True)
@@ -72,6 +79,12 @@ def main() -> None:
     print(f"peak RSS, load the model once:                 {once / 2**20:8.0f} MiB")
     print(f"peak RSS, run candidate + reference (one load): {full / 2**20:8.0f} MiB")
     print(f"ratio: {full / once:.2f}x (target <= 1.2x)")
+    publish("memory", "python ci/bench_memory.py",
+            f"Peak memory (`python ci/bench_memory.py`): a run with candidate and reference of a "
+            f"{params['num_hidden_layers']}-layer, {params['hidden_size']}-wide model with a LoRA adapter "
+            f"({weights / 2**20:.0f} MiB of float32 weights) peaks at {full / 2**20:.0f} MiB resident, against "
+            f"{once / 2**20:.0f} MiB for loading the model once: **{full / once:.2f}x**, since one copy of the "
+            f"weights serves both.", args.readme)
 
 
 if __name__ == "__main__":

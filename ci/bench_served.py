@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -88,6 +89,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=192)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--levels", default="1,8,32")
+    parser.add_argument("--readme", action="store_true", help="write the figures into README.md's block")
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     prompts = sorry_bench_prompts()
@@ -118,6 +120,17 @@ def main() -> None:
           f"{stats['max_in_flight']}")
     if any(results[level][1] != first[1] for level in levels) or local_texts != first[1]:
         raise SystemExit("answers changed with the concurrency or the backend")
+    from readme_blocks import publish
+
+    table = ["| requests in flight | seconds | answers/s | vs 1 |", "| --- | --- | --- | --- |"]
+    table += [f"| {level} | {results[level][0]:.2f} | {args.rows / results[level][0]:.1f} | "
+              f"{first[0] / results[level][0]:.2f}x |" for level in levels]
+    publish("served", "python ci/bench_served.py", "\n".join(table) + (
+        f"\n\n{args.rows} answers at T=0.7, up to {args.tokens} new tokens, on {os.cpu_count()} cores. The answers "
+        f"were identical at every level, and identical to the transformers backend's for the same rows in this "
+        f"process ({local_seconds:.2f} s there: one batched pass with a shared prefill and no HTTP). The server's "
+        f"largest batch was {stats['largest_batch']} requests, with at most {stats['max_in_flight']} in flight."),
+        args.readme)
 
 
 if __name__ == "__main__":

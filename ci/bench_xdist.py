@@ -54,6 +54,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--keep", type=Path, help="build and keep the models here (reused when present)")
+    parser.add_argument("--readme", action="store_true", help="write the figures into README.md's block")
     args = parser.parse_args()
     folder = args.keep or Path(tempfile.mkdtemp(prefix="sftsafety-xdist-"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -73,8 +74,9 @@ def main() -> None:
 
     print(f"CPU cores: {len(os.sched_getaffinity(0))}; full 2025-03 shape, --seeds 5, temperatures 0 and 0.7, "
           f"adapter and reference")
-    print(f"| model | one process (s) | -n {args.workers} (s) | ratio | generation per worker (s) | reports |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    table = [f"| model (CPU, {len(os.sched_getaffinity(0))} cores) | one process (s) | -n {args.workers} (s) | ratio "
+             f"| generation per worker (s) | reports |", "| --- | --- | --- | --- | --- | --- |"]
+    print("\n".join(table))
     for label, model, tokens in shapes:
         tag = model.parent.name
         single_s, single = timed_run(folder, model, data, 0, tokens, f"{tag}-single")
@@ -85,8 +87,12 @@ def main() -> None:
         per_worker = ", ".join(f"{w} {v['seconds']:.1f}" for w, v in sorted(multi["run"]["workers"].items()))
         loads = {w: v["model_loads"] for w, v in multi["run"]["workers"].items()}
         assert len(loads) == args.workers and all(n == 1 for n in loads.values()), (loads, multi["run"])
-        print(f"| {label} | {single_s:.1f} (generation {single['run']['seconds']:.1f}) | {multi_s:.1f} | "
-              f"{single_s / multi_s:.2f}x | {per_worker} | identical |")
+        table.append(f"| {label} | {single_s:.1f} (generation {single['run']['seconds']:.1f}) | {multi_s:.1f} | "
+                     f"{single_s / multi_s:.2f}x | {per_worker} | identical |")
+        print(table[-1])
+    from readme_blocks import publish
+
+    publish("xdist", "python ci/bench_xdist.py", "\n".join(table), args.readme)
 
 
 if __name__ == "__main__":

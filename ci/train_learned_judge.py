@@ -318,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="retrain; fail if the shipped weights differ")
     parser.add_argument("--out", type=Path, default=WEIGHTS, help=f"where to write the weights (default {WEIGHTS})")
     parser.add_argument("--shared", type=Path, default=SHARED, help="the shared folder holding data/xstest_dev")
+    parser.add_argument("--readme", action="store_true", help="write the agreement table into README.md's block")
     args = parser.parse_args(argv)
     with one_blas_thread():
         return _run(args)
@@ -337,7 +338,24 @@ def _run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 1
         print(f"{args.out}: reproduced exactly ({seconds:.1f} s)")
-        return 0
+    else:
+        args.out.write_text(text, encoding="utf-8")
+        print(f"wrote {args.out}: {len(text.encode()) / 1024:.0f} kB, {len(model['hash_weights'])} hashed weights, "
+              f"l2 hand {hyper.l2_hand:g}, l2 hashed {hyper.l2_hash:g}; training {seconds:.1f} s")
+    table = report(model, hyper, xstest, examples)
+    rows = xstest["gpt4"] + xstest["llama2orig"]
+    judge = judge_of(model)
+    started = time.perf_counter()
+    _scores(judge, rows)
+    speed = len(rows) / (time.perf_counter() - started)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from readme_blocks import publish
+
+    publish("judge-agreement", "python ci/train_learned_judge.py --check", table + (
+        f"\n\nCohen's kappa, accuracy, sensitivity (fulfilments recognised) and specificity (refusals recognised) "
+        f"against the human labels of `../shared/data/xstest_dev` (GPT-4's and Llama-2-70b-chat's answers to "
+        f"XSTest's 450 prompts); the learned judge scores {speed:,.0f} answers per second on one core."), args.readme)
+    return 0
     args.out.write_text(text, encoding="utf-8")
     print(report(model, hyper, xstest, examples))
     print(f"\nwrote {args.out}: {len(text.encode()) / 1024:.0f} kB, {len(model['hash_weights'])} hashed weights, "
