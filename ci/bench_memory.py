@@ -83,8 +83,8 @@ def main() -> None:
             f"Peak memory (`python ci/bench_memory.py`): a run with candidate and reference of a "
             f"{params['num_hidden_layers']}-layer, {params['hidden_size']}-wide model with a LoRA adapter "
             f"({weights / 2**20:.0f} MiB of float32 weights) peaks at {full / 2**20:.0f} MiB resident, against "
-            f"{once / 2**20:.0f} MiB for loading the model once: **{full / once:.2f}x**, since one copy of the "
-            f"weights serves both.", args.readme)
+            f"{once / 2**20:.0f} MiB for loading the model once: **{full / once:.2f}x** (the adapter is applied "
+            f"to the one copy of the base weights; the rest is what generation itself holds).", args.readme)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,10 @@ VOLATILE_RUN = ("seconds", "model_loads", "workers", "store")
 
 
 def comparable(report: dict) -> dict:
-    out = {k: v for k, v in report.items() if k not in ("created", "run", "settings")}
+    """The report minus what differs between any two runs (times, worker ids, paths of this run's files)."""
+    out = {k: v for k, v in report.items() if k not in ("created", "run", "settings", "provenance")}
     out["run"] = {k: v for k, v in report["run"].items() if k not in VOLATILE_RUN}
+    out["provenance"] = {k: v for k, v in report["provenance"].items() if k not in ("started", "wall_seconds")}
     out["settings"] = {k: v for k, v in report["settings"].items() if k not in ("json", "store")}
     return out
 

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from readme_blocks import write_block  # noqa: E402
+from readme_blocks import prose, write_block  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_COMMAND = ["--model", "demo", "--seeds", "5"]
@@ -149,7 +149,7 @@ def render_demo(output: str, report: dict, alone: list[set[str]]) -> str:
         f"{flaky[sampled]} FLAKY. {_count(changed, 'category gets', 'categories get').capitalize()} another "
         f"verdict at the two temperatures.",
     ]
-    return f"```text\n{excerpt}\n```\n\n" + "\n".join(bullets)
+    return f"```text\n{excerpt}\n```\n\n" + "\n".join(prose(b) for b in bullets)
 
 
 def measure_demo() -> tuple[str, str]:
@@ -172,7 +172,7 @@ def measure_demo() -> tuple[str, str]:
               f"{cold:.1f} s for the first "
               f"`pytest --model demo --seeds 5` in a new folder ({run['generated']} answers generated), "
               f"{warm:.1f} s for the same command again, when every answer is in the result store.")
-    return render_demo(output, report, alone), timing
+    return render_demo(output, report, alone), prose(timing)
 
 
 def measure_paper_toy(seeds: int) -> str:
@@ -187,8 +187,9 @@ def measure_paper_toy(seeds: int) -> str:
     table = done.stdout[done.stdout.index("refusal rate per seed"):].strip()
     from build_demo import cpu_summary
 
-    return (f"```text\n{table}\n```\n\nMeasured with `python ci/readme_figures.py paper-toy` "
-            f"(`bash ci/reproduce_paper_toy.sh {seeds}`, {seconds:.0f} s) on {cpu_summary()}.")
+    return f"```text\n{table}\n```\n\n" + prose(f"Measured with `python ci/readme_figures.py paper-toy` (`bash "
+                                                 f"ci/reproduce_paper_toy.sh {seeds}`, {seconds:.0f} s) on "
+                                                 f"{cpu_summary()}.")
 
 
 def main(argv: list[str] | None = None) -> int:
