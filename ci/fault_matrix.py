@@ -46,8 +46,9 @@ class Matrix:
         if signal_at is None:
             done = subprocess.run(command, cwd=self.work, capture_output=True, text=True, timeout=600)
             return done.returncode, done.stdout + done.stderr
+        # SIGINT as a terminal delivers it, even if this script runs where it is ignored (a background job).
         proc = subprocess.Popen(command, cwd=self.work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 300
         while stored(self.work / store) < signal_at and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)

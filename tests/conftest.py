@@ -19,6 +19,14 @@ from pytest_sftsafety.suite import load_suite  # noqa: E402
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
+def ctrl_c_works() -> None:
+    """For ``subprocess.Popen(preexec_fn=...)``: the child takes Ctrl-C as a user's terminal delivers it,
+    even when these tests run where SIGINT is ignored (a shell's background job passes that on)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @dataclass(frozen=True)
 class ToyModels:
     root: Path

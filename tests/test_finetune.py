@@ -129,6 +129,7 @@ def test_safety_filter_phrases():
         load_examples(recipe)
 
 
+@pytest.mark.slow  # fine-tunes three seeds and evaluates them: about a minute and a half on 2 cores
 def test_reproduce_paper_toy_shows_the_papers_effects_on_any_machine(tmp_path):
     """ci/reproduce_paper_toy.sh trains live, so its figures are the machine's own; what must hold anywhere:
     every seed refuses less than the base, the seeds spread more than the samples of one pass, and a

@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+from .conftest import ctrl_c_works
+
 ARGS = ["--max-new-tokens", "24", "--seeds", "2", "-p", "no:cacheprovider", "-q"]
 HEAVY_MODULES = """
 import sys
@@ -96,7 +98,7 @@ def test_interrupted_run_stops_cleanly_with_every_finished_batch_stored(pytester
     store = pytester.path / "store.sqlite"
     proc = subprocess.Popen(pytest_cmd(toy_models, "--sftsafety-store", str(store), "--batch-size", "8"),
                             cwd=pytester.path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=ctrl_c_works)
     deadline = time.monotonic() + 240
     while stored_generations(store) < 200 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -25,6 +25,7 @@ from pytest_sftsafety.openai_api import EndpointError
 from pytest_sftsafety.seeding import sample_seed
 from pytest_sftsafety.suite import load_suite
 
+from .conftest import ctrl_c_works
 from .loopback import assert_one_line, closed_port
 
 SERVER = Path(__file__).with_name("chat_server.py")
@@ -375,7 +376,8 @@ def test_an_interrupt_or_a_failure_does_not_wait_for_requests_in_flight(loopback
     script.write_text(INTERRUPTED)
     started = time.monotonic()
     process = subprocess.Popen([sys.executable, str(script), f"{loopback.url}/v1"], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+                               stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1],
+                               preexec_fn=ctrl_c_works)
     assert process.stdout.readline().strip() == "GENERATING"
     if how == "sigint":
         time.sleep(1.5)

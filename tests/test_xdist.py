@@ -29,6 +29,9 @@ from pytest_sftsafety.store import Claim, Store
 ARGS = ["--max-new-tokens", "24", "--seeds", "2", "--temperatures", "0,0.7", "-p", "no:cacheprovider", "-q"]
 # Run-specific parts of a report: when and where it ran, and which process did what.
 VOLATILE_RUN = ("seconds", "model_loads", "workers", "store")
+# Runs of several pytest processes (each importing torch) take a minute each on 2 cores: `pytest -m slow`
+# (CI runs them after the default run).
+SEVERAL_PROCESSES = pytest.mark.slow
 
 # Loaded into every process of the run: worker gw0 kills itself (SIGKILL, no clean-up) right after
 # committing its second batch, as an out-of-memory kill or a lost node would.
@@ -100,6 +103,7 @@ def run(pytester, toy_models, *args):
                               str(toy_models.data_202503), *ARGS, *args)
 
 
+@SEVERAL_PROCESSES
 def test_two_workers_give_the_single_process_report_and_load_the_model_once_each(pytester, toy_models,
                                                                                    monkeypatch):
     import pytest_sftsafety.progress as progress
@@ -144,6 +148,7 @@ def test_two_workers_give_the_single_process_report_and_load_the_model_once_each
     assert json.loads((pytester.path / "fresh.json").read_text())["run"]["generated"] == 440 * 3 * 2
 
 
+@SEVERAL_PROCESSES
 def test_adaptive_seeding_over_workers_matches_one_process(pytester, toy_models):
     # At a strict alpha the complete drops in 10 prompts are FLAKY at first, and get more samples.
     extra = ["--seeds", "1", "--max-seeds", "4", "--temperatures", "0.7", "--alpha", "0.0001",
@@ -158,6 +163,7 @@ def test_adaptive_seeding_over_workers_matches_one_process(pytester, toy_models)
     assert comparable(one) == comparable(two)
 
 
+@SEVERAL_PROCESSES
 def test_a_killed_worker_loses_only_its_item_in_flight_and_the_rerun_comes_from_the_store(pytester, toy_models):
     pytester.makeconftest(KILL_GW0)
     crashed = run(pytester, toy_models, "-n", "2", "--batch-size", "8", "--sftsafety-store", "store.sqlite",
@@ -181,6 +187,7 @@ def test_a_killed_worker_loses_only_its_item_in_flight_and_the_rerun_comes_from_
     assert rerun.ret == pytest.ExitCode.TESTS_FAILED
 
 
+@SEVERAL_PROCESSES
 def test_a_worker_whose_generation_fails_fails_one_item_and_the_others_finish_its_shard(pytester, toy_models):
     single = run(pytester, toy_models, "--sftsafety-store", "single.sqlite", "--sftsafety-json", "single.json")
     pytester.makeconftest(FAIL_GW0)
@@ -201,6 +208,7 @@ def test_a_worker_whose_generation_fails_fails_one_item_and_the_others_finish_it
     assert sum(w["generated"] for w in report["run"]["workers"].values()) == 440 * 3 * 2
 
 
+@SEVERAL_PROCESSES
 def test_workers_are_pinned_to_their_gpu_group(pytester, toy_models, monkeypatch):
     pytester.makeconftest(RECORD_GPUS)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,7")
