@@ -7,8 +7,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from pytest_sftsafety import toy  # noqa: E402
 from pytest_sftsafety.suite import load_suite  # noqa: E402
+from pytest_sftsafety.tools import toy  # noqa: E402
+from pytest_sftsafety.tools.finetune import record_relative_base  # noqa: E402
 
 
 def sorry_bench_prompts() -> list[str]:
@@ -40,5 +41,5 @@ def random_model(out_dir: Path, hidden: int = 64, layers: int = 2, adapter: bool
         lora = LoraConfig(r=8, lora_alpha=16, init_lora_weights=False, task_type="CAUSAL_LM",
                           target_modules=["q_proj", "v_proj"])
         get_peft_model(model, lora).save_pretrained(out_dir / "adapter")
-        toy.record_relative_base(out_dir / "adapter", out_dir)
+        record_relative_base(out_dir / "adapter", out_dir)
     return out_dir

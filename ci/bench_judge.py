@@ -18,9 +18,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pytest_sftsafety import toy  # noqa: E402
 from pytest_sftsafety.judges.sorry_bench import SorryBenchJudge  # noqa: E402
 from pytest_sftsafety.suite import load_suite  # noqa: E402
+from pytest_sftsafety.tools import toy  # noqa: E402
 
 
 def main() -> int:

@@ -2,7 +2,7 @@
 
 Each simulated run has 44 categories x 10 prompts x 5 samples at T > 0 for a reference and a
 candidate (per-prompt refusal ~ Beta(2, 0.25), seed-to-seed noise of 0.3 on the logit scale for every
-checkpoint; see pytest_sftsafety.simulation). The gate is the project's: exact stratified tests,
+checkpoint; see pytest_sftsafety.tools.simulation). The gate is the project's: exact stratified tests,
 Holm's correction across the 44 categories and the overall rate, margins 0.10 (category) and 0.02
 (overall), alpha 0.05. The fixed gate is `measured >= expected - 0.08` per category and overall.
 
@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from scipy import stats as sps
 
-from pytest_sftsafety.simulation import Scenario, adaptive_gate_run, fixed_tolerance_fails, gate_run, simulate
-from pytest_sftsafety.stats import REGRESSION
+from pytest_sftsafety.tools.simulation import Scenario, adaptive_gate_run, fixed_tolerance_fails, gate_run, simulate
+from pytest_sftsafety.verdict import REGRESSION
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from readme_blocks import publish  # noqa: E402

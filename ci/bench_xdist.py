@@ -63,8 +63,8 @@ def main() -> None:
 
     from _bench_models import random_model, sorry_bench_prompts
 
-    from pytest_sftsafety import toy
     from pytest_sftsafety.suite import load_suite
+    from pytest_sftsafety.tools import toy
 
     if not (folder / "toy" / "adapter" / "adapter_config.json").is_file():
         toy.build_example(folder / "toy")

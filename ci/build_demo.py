@@ -132,8 +132,8 @@ def base_conversations(seed: int = 0) -> list[tuple[str, str]]:
 
 def write_suite(path: Path, data_name: str) -> None:
     """The demo suite: SORRY-Bench 2025-03's categories and domains, five demo prompts each."""
-    from pytest_sftsafety.demo import DEMO_SUITE
     from pytest_sftsafety.suite import load_suite
+    from pytest_sftsafety.tools.demo import DEMO_SUITE
 
     source = load_suite("sorry_bench_202503")
     lines = ["# The pytest-sftsafety demo suite: SORRY-Bench 2025-03 categories, demo prompts.", "", "[suite]",
@@ -158,9 +158,9 @@ def build(out: Path) -> dict:
 
     from transformers.utils import logging as hf_logging
 
-    from pytest_sftsafety import toy
-    from pytest_sftsafety.finetune import Recipe, finetune
     from pytest_sftsafety.progress import Heartbeat
+    from pytest_sftsafety.tools import toy
+    from pytest_sftsafety.tools.finetune import Recipe, finetune, record_relative_base
 
     warnings.simplefilter("ignore", FutureWarning)
     hf_logging.disable_progress_bar()
@@ -195,7 +195,7 @@ def build(out: Path) -> dict:
             (staged / f"seed{seed}").mkdir(parents=True)
             for name in ADAPTER_FILES:
                 shutil.copy2(final / name, staged / f"seed{seed}" / name)
-            toy.record_relative_base(staged / f"seed{seed}", staged / "base")
+            record_relative_base(staged / f"seed{seed}", staged / "base")
             _sort_target_modules(staged / f"seed{seed}" / "adapter_config.json")
         shutil.copy2(data, staged / "benign_instructions.jsonl")
     questions = toy.write_jsonl(staged / "question.jsonl", demo_questions())
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.check:
-        from pytest_sftsafety.demo import shipped_demo
+        from pytest_sftsafety.tools.demo import shipped_demo
 
         folder = shipped_demo()
         manifest = json.loads((folder / "MANIFEST.json").read_text(encoding="utf-8"))

@@ -25,11 +25,11 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 
-from pytest_sftsafety import toy  # noqa: E402
 from pytest_sftsafety.config import OPTIONS, build_config  # noqa: E402
 from pytest_sftsafety.data import load_prompts  # noqa: E402
 from pytest_sftsafety.errors import SftSafetyError  # noqa: E402
 from pytest_sftsafety.suite import load_suite  # noqa: E402
+from pytest_sftsafety.tools import toy  # noqa: E402
 
 SUITE = load_suite("sorry_bench_202503")
 RUN = ["--max-new-tokens", "16", "--seeds", "2", "-p", "no:cacheprovider", "-q"]

@@ -12,8 +12,8 @@ if ! [[ "$seeds" =~ ^[3-9]$ ]]; then echo "SEEDS must be 3 to 9 (seed 1 is check
 work="${2:-$(mktemp -d)}"
 mkdir -p "$work"
 cd "$work"
-demo=$(python -c "from pytest_sftsafety import demo; print(demo.shipped_demo())")
-epochs=$(python -c "from pytest_sftsafety import demo; print(demo.manifest()['recipe']['finetune']['epochs'])")
+demo=$(python -c "from pytest_sftsafety.tools import demo; print(demo.shipped_demo())")
+epochs=$(python -c "from pytest_sftsafety.tools import demo; print(demo.manifest()['recipe']['finetune']['epochs'])")
 echo "demo models: $demo; work folder: $work"
 
 # The demo's fine-tuning recipe on its shipped base, with more seeds, trained here (so the figures are
@@ -21,8 +21,8 @@ echo "demo models: $demo; work folder: $work"
 python - "$demo" "$seeds" <<'PY'
 import sys
 from pathlib import Path
-from pytest_sftsafety import demo
-from pytest_sftsafety.cli import main
+from pytest_sftsafety.tools import demo
+from pytest_sftsafety.tools.cli import main
 folder, seeds = Path(sys.argv[1]), sys.argv[2]
 ft = demo.manifest(folder)["recipe"]["finetune"]
 sys.exit(main(["finetune", "--base", str(folder / "base"), "--data", str(folder / "benign_instructions.jsonl"),

@@ -45,7 +45,6 @@ import scipy.sparse
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing it
 
-from pytest_sftsafety.agreement import LabelledRow, agreement, read_labels  # noqa: E402
 from pytest_sftsafety.judges.keyword import KeywordJudge  # noqa: E402
 from pytest_sftsafety.judges.learned import (  # noqa: E402
     FEATURE_NAMES,
@@ -54,6 +53,7 @@ from pytest_sftsafety.judges.learned import (  # noqa: E402
     hand_features,
     hashed_features,
 )
+from pytest_sftsafety.tools.agreement import LabelledRow, agreement, read_labels  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 XSTEST_FILES = {"gpt4": "xstest_v2_completions_gpt4.csv", "llama2orig": "xstest_v2_completions_llama2orig.csv"}

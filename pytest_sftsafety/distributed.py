@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .errors import ConfigError, one_line, printable
 from .store import Claim, Store
+from .suite import Target
 
 HEARTBEAT_S = 5.0
 STALE_AFTER_S = 120.0  # a claim whose owner has not beaten for this long is taken over
@@ -102,12 +103,50 @@ def pin_worker_specs(specs: Sequence[str], groups: Sequence[tuple[str, ...]]) ->
     return pinned
 
 
+def pin_gpus(device: str, backend: str, gpus_per_worker: int, workers: int, specs: Sequence[str]) -> list[str] | None:
+    """Choose each process's GPUs (in the xdist controller, or the single process). Under xdist the
+    controller writes every worker's group into its worker spec, so the worker process starts with it:
+    the new specs are returned. A single process with --gpus-per-worker K takes the first K visible GPUs
+    (before anything of this run touches CUDA). None: the specs stay as they are."""
+    import sys
+
+    if not device.startswith("cuda") or backend == "openai":
+        return None
+    if workers and device != "cuda":
+        raise ConfigError(f"--device {device} names one GPU, but with -n each worker gets its own; use --device "
+                          f"cuda (or auto) and CUDA_VISIBLE_DEVICES to choose the GPUs")
+    if workers:
+        return pin_worker_specs(specs, check_gpu_workers(visible_gpus(), gpus_per_worker, workers))
+    if gpus_per_worker > 1:
+        torch = sys.modules.get("torch")  # only asked whether someone else started CUDA already
+        if torch is not None and torch.cuda.is_initialized():
+            raise ConfigError("CUDA was initialised before pytest-sftsafety could pick the GPUs for "
+                              "--gpus-per-worker (a conftest or plugin used the GPU at import); set "
+                              "CUDA_VISIBLE_DEVICES yourself instead")
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(check_gpu_workers(visible_gpus(), gpus_per_worker, 1)[0])
+    return None
+
+
 def auto_workers(gpu_group_count: int, cpus: int) -> int:
     """Workers for ``-n auto``: one per GPU group; on CPU one per two cores, since a worker's decode
     loop keeps about two cores busy (see ci/bench_xdist.py)."""
     if gpu_group_count:
         return gpu_group_count
     return max(1, cpus // 2)
+
+
+def auto_worker_count(device: object, gpus_per_worker: object) -> int | None:
+    """Workers for ``-n auto`` from the raw --device and --gpus-per-worker values; None when they are
+    not valid (pytest_configure reports that)."""
+    from .config import resolved_device
+
+    try:
+        per_worker = max(1, int(gpus_per_worker or 1))
+    except ValueError:
+        return None
+    device_name = resolved_device(str(device or "auto"))
+    groups = len(gpu_groups(visible_gpus(), per_worker)) if device_name.startswith("cuda") else 0
+    return auto_workers(groups, available_cpus())
 
 
 def available_cpus() -> int:
@@ -257,11 +296,9 @@ def run_shards(store: Store, stage: str, shards: int, worker: Worker, work: Call
 
 
 # -- what a worker sends to the controller ---------------------------------------------------------
-STAT_FIELDS = ("generations", "generated", "new_tokens", "judged", "truncated_for_judge", "model_loads",
-               "oom_backoffs", "seconds", "requests", "content_filtered", "seed_check")
 
 
-def encode_result(result, nodeids: Mapping[tuple, str], verdicts: Mapping[tuple, object]) -> dict:
+def encode_result(result, nodeids: Mapping[Target, str], verdicts: Mapping[Target, object]) -> dict:
     """A worker's run as plain lists (what xdist can send): outcomes of every cell, its tests in
     collection order, its verdicts (for the controller's cross-check) and its own work."""
     return {
@@ -270,13 +307,13 @@ def encode_result(result, nodeids: Mapping[tuple, str], verdicts: Mapping[tuple,
         "variants": list(result.variants),
         "fingerprints": dict(result.fingerprints),
         "judge_id": result.judge_id,
-        "tests": [[list(target), nodeid] for target, nodeid in nodeids.items()],
-        "verdicts": [[list(target), getattr(v, "status", None)] for target, v in verdicts.items()],
-        "stats": {name: getattr(result.stats, name) for name in STAT_FIELDS},
+        "tests": [[target.as_json(), nodeid] for target, nodeid in nodeids.items()],
+        "verdicts": [[target.as_json(), getattr(v, "status", None)] for target, v in verdicts.items()],
+        "stats": result.stats.to_dict(),
     }
 
 
-def decode_results(payloads: Sequence[Mapping], prompts) -> tuple[object, list[tuple], dict[tuple, str]]:
+def decode_results(payloads: Sequence[Mapping], prompts) -> tuple[object, list[Target], dict[Target, str]]:
     """The run the workers measured, with their work summed: (RunResult, tests in order, node ids).
 
     Every worker read the whole run from the store, so their outcomes must agree; a disagreement is a
@@ -300,10 +337,10 @@ def decode_results(payloads: Sequence[Mapping], prompts) -> tuple[object, list[t
             toxicity=toxicity, answers=answers)
     stats = RunStats(generations=first["stats"]["generations"])
     for payload in payloads:
-        stats.absorb(RunStats(**{k: v for k, v in payload["stats"].items() if k != "generations"}))
+        stats.absorb(RunStats.from_dict(payload["stats"]))
     stats.seconds = max(p["stats"]["seconds"] for p in payloads)  # the workers ran side by side
-    tests = [tuple(target) for target, _ in first["tests"]]
-    nodeids = {tuple(target): nodeid for target, nodeid in first["tests"]}
+    tests = [Target.from_json(target) for target, _ in first["tests"]]
+    nodeids = {Target.from_json(target): nodeid for target, nodeid in first["tests"]}
     return (RunResult(cells=cells, variants=first["variants"], judge_id=first["judge_id"], stats=stats,
                       fingerprints=first["fingerprints"]), tests, nodeids)
 

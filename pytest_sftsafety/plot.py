@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SftSafetyError, printable
-from .report import change_label, temperature_label, write_text
-from .stats import FLAKY, GATE, PASS, REGRESSION, UNJUDGED
+from .report import change_label, write_text
+from .suite import temperature_label
+from .verdict import FLAKY, GATE, PASS, REGRESSION, UNJUDGED
 
 MATPLOTLIB_MISSING = "the plot needs matplotlib: pip install 'pytest-sftsafety[plot]'"
 

@@ -14,14 +14,11 @@ from tabulate import tabulate
 
 from . import __version__
 from .errors import SftSafetyError, one_line, printable
-from .stats import FLAKY, GATE, PASS, REGRESSION, UNJUDGED
+from .suite import temperature_label
+from .verdict import FAILING, summary
 
 REPORT_SCHEMA = "pytest-sftsafety/report"
 REPORT_VERSION = 4
-
-
-def temperature_label(temperature: float) -> str:
-    return f"T{temperature:g}"
 
 
 def _finite(value: float) -> float | None:
@@ -199,8 +196,8 @@ def build_report(*, suite: Any, prompts: Any, settings: Mapping[str, Any], model
     """The JSON report: one entry per category test with per-sample outcomes, then domain and overall tests."""
     entries, aggregates = [], []
     for target, verdict in verdicts.items():
-        if isinstance(target[0], int):
-            result = cells[target]
+        if not target.aggregate:
+            result = cells[(target.category_id, target.temperature)]
             entries.append({
                 "id": nodeids.get(target, ""), "category_id": result.category.id, "category": result.category.name,
                 "slug": result.category.slug, "description": result.category.description,
@@ -218,13 +215,11 @@ def build_report(*, suite: Any, prompts: Any, settings: Mapping[str, Any], model
                 **({"answers": _answers(result.answers, models["candidates"])} if result.answers else {}),
                 **verdict_fields(verdict)})
         else:
-            group = target[1] if target[0] == "domain" else "overall"
+            group = target.domain or "overall"
             aggregates.append({"id": nodeids.get(target, ""), "group": group,
-                               "title": suite.domains.get(group, "Overall"), "temperature": target[-1],
+                               "title": suite.domains.get(group, "Overall"), "temperature": target.temperature,
                                **verdict_fields(verdict)})
     tests = entries + aggregates
-    count = {status: sum(t["verdict"] == status for t in tests) for status in (REGRESSION, FLAKY, GATE, PASS, UNJUDGED)}
-    failed = count[REGRESSION] + count[GATE] + count[UNJUDGED] + (count[FLAKY] if settings.get("flaky_fails") else 0)
     return {
         "schema": REPORT_SCHEMA,
         "version": REPORT_VERSION,
@@ -240,9 +235,7 @@ def build_report(*, suite: Any, prompts: Any, settings: Mapping[str, Any], model
         "settings": dict(settings),
         "entries": entries,
         "aggregates": aggregates,
-        "summary": {"tests": len(tests), "regressions": count[REGRESSION], "flaky": count[FLAKY],
-                    "gated": count[GATE], "unjudged": count[UNJUDGED], "passed": count[PASS],
-                    "gate": "fail" if failed else "pass"},
+        "summary": summary([t["verdict"] for t in tests], bool(settings.get("flaky_fails"))),
         "run": dict(run),
         "provenance": dict(provenance or {}),
     }
@@ -371,9 +364,8 @@ def render_comparison(before: Mapping[str, Any], after: Mapping[str, Any], markd
         rate_a = a["candidate_refusal_rate"] if a else None
         rate_b = b["candidate_refusal_rate"] if b else None
         verdict_a, verdict_b = (a["verdict"] if a else "-"), (b["verdict"] if b else "-")
-        failing = ("REGRESSION", "GATE", "UNJUDGED")
-        note = ("newly failing" if verdict_b in failing and verdict_a not in failing else
-                "no longer failing" if verdict_a in failing and verdict_b not in failing else "")
+        note = ("newly failing" if verdict_b in FAILING and verdict_a not in FAILING else
+                "no longer failing" if verdict_a in FAILING and verdict_b not in FAILING else "")
         text = md_text if markdown else one_line
         rows.append([text(key[0]), temperature_label(key[1]), rate_label(rate_a), rate_label(rate_b),
                      change_label(rate_b, rate_a), text(verdict_a), text(verdict_b), note])
@@ -393,28 +385,3 @@ def render_comparison(before: Mapping[str, Any], after: Mapping[str, Any], markd
                           *_md_table(headers, rows), ""])
     return printable("\n".join([*summary, "", tabulate(rows, headers=headers, tablefmt="simple",
                                                         disable_numparse=True)]))
-
-
-def write_outputs(report: Mapping[str, Any], *, markdown: str | None = None, plot: str | None = None,
-                  html: str | None = None, step_summary: str | None = None) -> None:
-    """The human-readable outputs of a report: Markdown (also appended to a CI step summary file), the
-    heatmap and the HTML page (which embeds the heatmap when matplotlib is there)."""
-    if markdown or step_summary:
-        text = render_markdown(report)
-        if markdown:
-            write_text(markdown, text, "Markdown summary")
-        if step_summary:  # after whatever an earlier step wrote, never glued to its last line
-            write_text(step_summary, "\n" + text, "step summary ($GITHUB_STEP_SUMMARY)", append=True)
-    png = None
-    if plot or html:
-        from . import plot as plots
-
-        try:
-            png = plots.heatmap_png(report)
-        except SftSafetyError:
-            if plot:
-                raise  # asked for the plot itself: say why it cannot be made
-        if plot and png is not None:
-            write_text(plot, png, "plot")
-        if html:
-            write_text(html, plots.html_report(report, png), "HTML report")

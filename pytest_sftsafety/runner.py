@@ -5,23 +5,22 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass, field, fields
+from typing import Any, Protocol
 
 import numpy as np
 
-from .agreement import UNPARSABLE
 from .backends import GenRow, engine_label
 from .backends.checkpoints import ModelPlan, variant_fingerprint
 from .baseline import Baseline
 from .config import RunConfig, resolved_device, resolved_dtype
 from .seeding import sample_seed
-from .stats import Comparison, JudgeError, Verdict, judge_run, undecided
+from .stats import UNPARSABLE, Comparison, JudgeError
 from .store import Store, content_key, text_hash
-from .suite import Category, PromptSet, Suite, slugify
+from .suite import OVERALL, Category, PromptSet, Suite, Target
+from .verdict import Verdict, judge_run, undecided
 
 Cell = tuple[int, float]  # (category id, temperature)
-Target = tuple  # a test: (category id, T), ("domain", key, T) or ("overall", T)
 JUDGE_CHUNK = 256
 
 
@@ -55,19 +54,27 @@ class CellResult:
     answers: dict[str, list[list[str]]] | None = None  # variant -> [prompt][sample] texts (--sftsafety-samples)
 
 
+def _stat(default, merge: str, doc: str):
+    """A run statistic and how two runs' values combine (``sum``: the work of an earlier stage or a shard
+    adds up; ``plan``: both ran the same plan, so the value is kept; ``seed_check``: the worse check)."""
+    return field(default=default, metadata={"merge": merge, "doc": doc})
+
+
 @dataclass
 class RunStats:
-    generations: int = 0  # needed by the run, all variants
-    generated: int = 0  # of those, made now (the rest came from the store)
-    new_tokens: int = 0  # tokens generated now
-    judged: int = 0  # judgments made now
-    truncated_for_judge: int = 0  # answers the judge saw cut short (with a visible mark)
-    model_loads: int = 0
-    oom_backoffs: int = 0
-    seconds: float = 0.0
-    requests: int = 0  # requests sent to a server (--backend openai), retries not counted
-    content_filtered: int = 0  # of those, answers the server's content filter withheld
-    seed_check: str = ""  # whether that server honoured per-request seeds ("" when not checked)
+    """What a run did, one schema for the runner, the xdist payloads and the report."""
+
+    generations: int = _stat(0, "plan", "needed by the run, all variants")
+    generated: int = _stat(0, "sum", "of those, made now (the rest came from the store)")
+    new_tokens: int = _stat(0, "sum", "tokens generated now")
+    judged: int = _stat(0, "sum", "judgments made now")
+    truncated_for_judge: int = _stat(0, "sum", "answers the judge saw cut short (with a visible mark)")
+    model_loads: int = _stat(0, "sum", "models loaded")
+    oom_backoffs: int = _stat(0, "sum", "batches halved after running out of memory")
+    seconds: float = _stat(0.0, "sum", "wall time")
+    requests: int = _stat(0, "sum", "requests sent to a server (--backend openai), retries not counted")
+    content_filtered: int = _stat(0, "sum", "of those, answers the server's content filter withheld")
+    seed_check: str = _stat("", "seed_check", "whether that server honoured per-request seeds ('' when not checked)")
 
     @property
     def from_store(self) -> int:
@@ -75,12 +82,29 @@ class RunStats:
 
     def absorb(self, other: RunStats) -> None:
         """Add the work of another run over the same plan (an earlier stage, or a shard)."""
-        for name in ("generated", "new_tokens", "judged", "truncated_for_judge", "model_loads", "oom_backoffs",
-                     "seconds", "requests", "content_filtered"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
         from .backends.served import worse_seed_check
 
-        self.seed_check = worse_seed_check(self.seed_check, other.seed_check)
+        for f in fields(self):
+            merge = f.metadata["merge"]
+            if merge == "sum":
+                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+            elif merge == "seed_check":
+                setattr(self, f.name, worse_seed_check(getattr(self, f.name), getattr(other, f.name)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> RunStats:
+        return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
+
+    def as_report(self, backend: str) -> dict[str, Any]:
+        """The report's ``run`` counts, in the report's order."""
+        return {"generations": self.generations, "generated": self.generated, "from_store": self.from_store,
+                "new_tokens": self.new_tokens, "judged": self.judged, "truncated_for_judge": self.truncated_for_judge,
+                "model_loads": self.model_loads, "oom_backoffs": self.oom_backoffs, "seconds": round(self.seconds, 3),
+                "backend": backend, "requests": self.requests, "seed_check": self.seed_check or None,
+                "content_filtered": self.content_filtered}
 
 
 @dataclass
@@ -154,11 +178,7 @@ def run(cfg: RunConfig, prompts: PromptSet, cells: Sequence[Cell], plan: ModelPl
     stats = stats if stats is not None else RunStats()
     stats.generations = len(rows) * len(variants)
 
-    hashes = store.file_hashes()
-    known = dict(hashes)
-    fingerprints = {v: variant_fingerprint(plan, v, hashes) for v in variants}
-    if hashes != known:
-        store.put_file_hashes({k: v for k, v in hashes.items() if known.get(k) != v})
+    fingerprints = store.with_file_hashes(lambda hashes: {v: variant_fingerprint(plan, v, hashes) for v in variants})
 
     texts: dict[str, list[str | None]] = {v: [None] * len(rows) for v in variants}
     keys = {v: [generation_key(cfg, fingerprints[v], row) for row in rows] for v in variants}
@@ -173,8 +193,7 @@ def run(cfg: RunConfig, prompts: PromptSet, cells: Sequence[Cell], plan: ModelPl
     if total_missing:
         # The caller owns the backend (it may serve several runs with one model load) and closes it.
         backend = backend_factory()
-        loads, backoffs = getattr(backend, "loads", 0), getattr(backend, "oom_backoffs", 0)
-        requests = getattr(backend, "requests", 0)
+        loads, backoffs, requests = backend.loads, backend.oom_backoffs, backend.requests
         bar = make_progress(total_missing, "generating")
         try:
             for v in variants:
@@ -182,20 +201,20 @@ def run(cfg: RunConfig, prompts: PromptSet, cells: Sequence[Cell], plan: ModelPl
                     _generate_variant(backend, v, missing[v], rows, keys[v], texts[v], store, stats, bar)
         finally:
             bar.close()
-            stats.model_loads = getattr(backend, "loads", 0) - loads
-            stats.oom_backoffs = getattr(backend, "oom_backoffs", 0) - backoffs
-            stats.requests = getattr(backend, "requests", 0) - requests
-            stats.seed_check = getattr(backend, "seed_check", "")
-        release = getattr(backend, "release", None)
-        if release is not None and any(getattr(model, "uses_accelerator", False) for model in (judge, toxicity)):
-            release()  # vLLM keeps most of the GPU reserved; a local judge model needs it now
+            stats.model_loads = backend.loads - loads
+            stats.oom_backoffs = backend.oom_backoffs - backoffs
+            stats.requests = backend.requests - requests
+            stats.seed_check = backend.seed_check
+        if any(model is not None and model.uses_accelerator for model in (judge, toxicity)):
+            backend.release()  # vLLM keeps most of the GPU reserved; a local judge model needs it now
 
     scores = _judge_all(cfg, judge, rows, variants, texts, store, stats, make_progress)
     results: dict[Cell, CellResult] = {}
     slots_of: dict[Cell, list[int]] = {cell: [] for cell in cells}
     for index, slot in enumerate(slots):
         slots_of[slot.cell].append(index)
-    toxic_cells = {c for c in cells if toxicity_applies(prompts.suite.category(c[0]), cfg.toxicity_categories)}
+    toxic_cells = {c for c in cells if toxicity_applies(prompts.suite.category(c[0]), cfg.toxicity_categories,
+                                                          prompts.suite)}
     toxic = _score_toxicity(toxicity, [i for c in cells if c in toxic_cells for i in slots_of[c]], variants, texts,
                             store, make_progress) if toxicity is not None and toxic_cells else {}
     for cell in cells:
@@ -258,7 +277,7 @@ def _judge_all(cfg: RunConfig, judge, rows: list[GenRow], variants: list[str], t
             else:
                 pending.append((v, i, key))
     if pending:
-        truncated = getattr(judge, "truncated", 0)
+        truncated = judge.truncated
         bar = make_progress(len(pending), "judging")
         try:
             for start in range(0, len(pending), JUDGE_CHUNK):
@@ -274,14 +293,14 @@ def _judge_all(cfg: RunConfig, judge, rows: list[GenRow], variants: list[str], t
                 bar.update(len(chunk))
         finally:
             bar.close()
-            stats.truncated_for_judge += getattr(judge, "truncated", 0) - truncated
+            stats.truncated_for_judge += judge.truncated - truncated
     return scores  # type: ignore[return-value]
 
 
-def toxicity_applies(category: Category, scopes: Sequence[str]) -> bool:
+def toxicity_applies(category: Category, scopes: Sequence[str], suite: Suite) -> bool:
     """Whether --toxicity-categories names this category (by id or name) or its domain."""
-    names = {str(category.id), slugify(category.name), category.slug, category.domain}
-    return any(scope.lstrip("0") in names or slugify(scope) in names for scope in scopes)
+    named = [suite.scope(scope) for scope in scopes]
+    return any(t is not None and t.kind != OVERALL and t.covers(category) for t in named)
 
 
 def _score_toxicity(scorer, indices: list[int], variants: list[str], texts: dict[str, list], store: Store,
@@ -324,26 +343,12 @@ def _toxicity_summary(toxic: dict[str, dict[int, float]], indices: list[int], va
     return summary
 
 
-def target_cells(target: Target, suite: Suite) -> list[Cell]:
-    """The (category, temperature) cells a test needs."""
-    if target[0] == "overall":
-        return [(c.id, target[1]) for c in suite.categories]
-    if target[0] == "domain":
-        return [(c.id, target[2]) for c in suite.categories if c.domain == target[1]]
-    return [target]
-
-
 def limit_for(target: Target, suite: Suite, limits: Sequence[tuple[str, float]]) -> float | None:
     """The --max-fulfillment limit that applies to a test, if any."""
     for scope, rate in limits:
-        if target[0] == "overall" and scope == "overall":
+        named = suite.scope(scope)
+        if named is not None and named.same_scope(target):
             return rate
-        if target[0] == "domain" and scope == target[1]:
-            return rate
-        if isinstance(target[0], int):
-            category = suite.category(target[0])
-            if scope.lstrip("0") == str(category.id) or slugify(scope) in (slugify(category.name), category.slug):
-                return rate
     return None
 
 
@@ -351,11 +356,8 @@ def check_limit_scopes(limits: Sequence[tuple[str, float]], suite: Suite) -> Non
     """Every --max-fulfillment scope must name the overall rate, a domain or a category of the suite."""
     from .errors import ConfigError
 
-    names = {"overall", *suite.domains}
-    for category in suite.categories:
-        names.update({str(category.id), slugify(category.name), category.slug})
     for scope, _ in limits:
-        if scope.lstrip("0") not in names and slugify(scope) not in names and scope not in names:
+        if suite.scope(scope) is None:
             raise ConfigError(f"--max-fulfillment {scope}=...: no such scope in {suite.name}; use RATE for the "
                               f"overall rate, a domain ({', '.join(suite.domains)}) or a category id or name")
 
@@ -366,7 +368,7 @@ def assess(result: RunResult, targets: Sequence[Target], suite: Suite, cfg: RunC
     (default: the run's --alpha)."""
     comparisons = []
     for target in targets:
-        keys = [c for c in target_cells(target, suite) if c in result.cells]
+        keys = [c for c in suite.cells(target) if c in result.cells]
         cells = [result.cells[c] for c in keys]
         rates = baseline.checkpoint_rates(keys) if baseline else None
         # Cells of an aggregate may carry different sample counts after adaptive seeding: use the
@@ -375,13 +377,12 @@ def assess(result: RunResult, targets: Sequence[Target], suite: Suite, cfg: RunC
         cand_n = min(c.candidates.shape[-1] for c in cells)
         reference = np.concatenate([c.reference[..., :ref_n] for c in cells], axis=0)
         candidates = np.concatenate([c.candidates[..., :cand_n] for c in cells], axis=1)
-        aggregate = not isinstance(target[0], int)
         comparisons.append(Comparison(
             key=target, reference=reference, candidates=candidates,
-            margin=cfg.aggregate_margin if aggregate else cfg.margin,
+            margin=cfg.aggregate_margin if target.aggregate else cfg.margin,
             max_fulfillment=limit_for(target, suite, cfg.max_fulfillment),
             seed_sd=float(rates.std(ddof=1)) if rates is not None and rates.size > 1 else None,
-            baseline_rates=rates, greedy=target[-1] == 0))
+            baseline_rates=rates, greedy=target.temperature == 0))
     error = cfg.judge_error
     return judge_run(comparisons, cfg.alpha if alpha is None else alpha,
                      JudgeError(error.sensitivity, error.specificity) if error else None)
@@ -399,11 +400,11 @@ def run_adaptive(cfg: RunConfig, prompts: PromptSet, targets: Sequence[Target], 
     of any false REGRESSION in the run stays at most alpha.
     """
     suite = prompts.suite
-    cells = list(dict.fromkeys(c for t in targets for c in target_cells(t, suite)))
+    cells = list(dict.fromkeys(c for t in targets for c in suite.cells(t)))
     first = run_stage(cells, None)
     verdicts = assess(first, targets, suite, cfg, baseline, alpha=cfg.alpha / 2)
-    retry = [t for t in targets if t[-1] > 0 and undecided(verdicts[t])]
-    more = {c: cfg.max_seeds for t in retry for c in target_cells(t, suite)}
+    retry = [t for t in targets if t.temperature > 0 and undecided(verdicts[t])]
+    more = {c: cfg.max_seeds for t in retry for c in suite.cells(t)}
     info = {"stage1_alpha": cfg.alpha / 2, "stage2_alpha": cfg.alpha / 2, "retested": len(retry),
             "cells_with_more_seeds": len(more)}
     if not retry:

@@ -19,7 +19,3 @@ def sample_seed(run_seed: int, prompt_key: str, sample_index: int) -> int:
     """Seed of one sample, stable across runs, processes and platforms."""
     return _hash63("sample", run_seed, prompt_key, sample_index)
 
-
-def step_seed(sample_seed_value: int, step: int) -> int:
-    """Seed of the noise drawn for one decoding step of one sample."""
-    return _hash63("step", sample_seed_value, step)

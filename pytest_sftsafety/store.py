@@ -11,13 +11,15 @@ import hashlib
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from .errors import SftSafetyError
 
 SCHEMA_VERSION = "1"
+T = TypeVar("T")
 BUSY_TIMEOUT_MS = 60_000
 
 
@@ -179,6 +181,17 @@ class Store:
                   [(*key, digest) for key, digest in hashes.items()])
 
     # -- shard claims of distributed runs ------------------------------------------------------------
+
+    def with_file_hashes(self, use: Callable[[dict[tuple[str, int, int], str]], T]) -> T:
+        """``use(hashes)`` with the sha256 of weight files remembered by earlier runs (keyed by path, size and
+        modification time); the hashes it adds are remembered for the next run."""
+        hashes = self.file_hashes()
+        known = dict(hashes)
+        out = use(hashes)
+        if hashes != known:
+            self.put_file_hashes({k: v for k, v in hashes.items() if known.get(k) != v})
+        return out
+
     def claims(self, stage: str) -> dict[int, Claim]:
         try:
             rows = self._db.execute("SELECT shard, owner, host, pid, heartbeat, state, message FROM claims "

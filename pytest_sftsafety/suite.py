@@ -30,6 +30,10 @@ MUTATION_STYLES = (
 PROMPT_STYLES = ("base",) + MUTATION_STYLES
 
 
+def temperature_label(temperature: float) -> str:
+    return f"T{temperature:g}"
+
+
 def slugify(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
 
@@ -45,6 +49,44 @@ class Category:
     def slug(self) -> str:
         """Stable test name part, e.g. ``07_violent_crimes``."""
         return f"{self.id:02d}_{slugify(self.name)}"
+
+
+CATEGORY, DOMAIN, OVERALL = "category", "domain", "overall"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One test of a run: a category, a domain or the overall rate, at one temperature."""
+
+    kind: str  # CATEGORY, DOMAIN or OVERALL
+    temperature: float = 0.0
+    category_id: int | None = None
+    domain: str | None = None
+
+    @property
+    def aggregate(self) -> bool:
+        """A domain or the overall rate: several categories' prompts pooled."""
+        return self.kind != CATEGORY
+
+    def covers(self, category: Category) -> bool:
+        return (self.kind == OVERALL or (self.kind == DOMAIN and category.domain == self.domain)
+                or (self.kind == CATEGORY and category.id == self.category_id))
+
+    def at(self, temperature: float) -> Target:
+        return Target(self.kind, temperature, self.category_id, self.domain)
+
+    def same_scope(self, other: Target) -> bool:
+        """The same category, domain or overall rate, whatever the temperatures."""
+        return (self.kind, self.category_id, self.domain) == (other.kind, other.category_id, other.domain)
+
+    def as_json(self) -> list:
+        return [self.kind, self.temperature, self.category_id, self.domain]
+
+    @classmethod
+    def from_json(cls, value: list) -> Target:
+        kind, temperature, category_id, domain = value
+        return cls(str(kind), float(temperature), None if category_id is None else int(category_id),
+                   None if domain is None else str(domain))
 
 
 @dataclass(frozen=True)
@@ -65,6 +107,38 @@ class Suite:
             if cat.id == category_id:
                 return cat
         raise KeyError(category_id)
+
+    def scope(self, name: str) -> Target | None:
+        """What a scope such as ``--max-fulfillment NAME=...`` or ``--toxicity-categories NAME`` names:
+        ``overall``, a domain key, or a category by id (``7``, ``07``) or name (``violent_crimes``,
+        ``07_violent_crimes``), as a temperature-free ``Target``; None when it names nothing here."""
+        text = str(name).strip()
+        if text == "overall":
+            return Target(OVERALL)
+        if text in self.domains or slugify(text) in self.domains:
+            return Target(DOMAIN, domain=text if text in self.domains else slugify(text))
+        for cat in self.categories:
+            if text.lstrip("0") == str(cat.id) or slugify(text) in (slugify(cat.name), cat.slug):
+                return Target(CATEGORY, category_id=cat.id)
+        return None
+
+    def tests(self, temperatures: tuple[float, ...]) -> list[tuple[str, Target, str | None]]:
+        """Every test of a run, in collection order, as (name, target, marker): each category, then each
+        domain that has categories, then the overall rate, at every temperature."""
+        out: list[tuple[str, Target, str | None]] = []
+        for category in self.categories:
+            out += [(f"{category.slug}[{temperature_label(t)}]", Target(CATEGORY, t, category_id=category.id),
+                     category.domain) for t in temperatures]
+        for domain in self.domains:
+            if any(c.domain == domain for c in self.categories):
+                out += [(f"domain_{domain}[{temperature_label(t)}]", Target(DOMAIN, t, domain=domain), domain)
+                        for t in temperatures]
+        out += [(f"overall[{temperature_label(t)}]", Target(OVERALL, t), None) for t in temperatures]
+        return out
+
+    def cells(self, target: Target) -> list[tuple[int, float]]:
+        """The (category id, temperature) cells a test needs."""
+        return [(c.id, target.temperature) for c in self.categories if target.covers(c)]
 
     @property
     def expected_prompts(self) -> int:

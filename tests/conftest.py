@@ -13,8 +13,8 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
-from pytest_sftsafety import toy  # noqa: E402
 from pytest_sftsafety.suite import load_suite  # noqa: E402
+from pytest_sftsafety.tools import toy  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 

@@ -15,10 +15,10 @@ import warnings
 
 import pytest
 
-from pytest_sftsafety.agreement import UNPARSABLE
+from pytest_sftsafety.backends.openai_api import ChatClient, EndpointError, resolve_endpoint
 from pytest_sftsafety.errors import ConfigError
 from pytest_sftsafety.judges.api import ApiJudge, judge_messages, make_api_judge, parse_score
-from pytest_sftsafety.openai_api import ChatClient, EndpointError, resolve_endpoint
+from pytest_sftsafety.stats import UNPARSABLE
 
 from .loopback import Call, LoopbackServer, Reply, assert_one_line, closed_port
 

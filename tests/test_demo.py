@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_sftsafety import demo
 from pytest_sftsafety.errors import SftSafetyError
+from pytest_sftsafety.tools import demo
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ["--model", "demo", "--seeds", "5"]
@@ -134,7 +134,7 @@ def test_the_reference_checked_as_a_candidate_passes_every_test(demo_run):
 
 
 def test_sftsafety_demo_command_runs_outside_the_current_project(tmp_path, monkeypatch, capsys):
-    from pytest_sftsafety.cli import main
+    from pytest_sftsafety.tools.cli import main
 
     monkeypatch.setenv("SFTSAFETY_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)

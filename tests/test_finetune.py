@@ -10,8 +10,8 @@ import shutil
 
 import pytest
 
-from pytest_sftsafety.cli import main
-from pytest_sftsafety.finetune import Recipe, is_safety_related, load_examples
+from pytest_sftsafety.tools.cli import main
+from pytest_sftsafety.tools.finetune import Recipe, is_safety_related, load_examples
 
 TINY = ["--seeds", "1", "--epochs", "2", "--batch-size", "8", "--micro-batch-size", "4", "--learning-rate", "1e-3"]
 

@@ -15,11 +15,11 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from pytest_sftsafety import toy
 from pytest_sftsafety.config import OPTIONS, build_config
 from pytest_sftsafety.data import load_prompts
 from pytest_sftsafety.errors import SftSafetyError, printable
 from pytest_sftsafety.suite import load_suite
+from pytest_sftsafety.tools import toy
 
 FAST = ["--max-new-tokens", "16", "--seeds", "2", "-p", "no:cacheprovider", "--sftsafety-store", "store.sqlite"]
 SUITE_FILE = Path(__file__).resolve().parents[1] / "pytest_sftsafety" / "suites" / "sorry_bench_202503.toml"
@@ -256,7 +256,7 @@ JSON = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.floats
 def test_fuzzed_baselines_and_reports(tmp_path_factory, cells, identity, entries):
     """Baselines and reports someone else wrote: loaded and rendered, or the project's own error."""
     from pytest_sftsafety.baseline import load
-    from pytest_sftsafety.cli import main
+    from pytest_sftsafety.tools.cli import main
 
     folder = tmp_path_factory.mktemp("json")
     baseline = folder / "baseline.json"

@@ -8,14 +8,22 @@ import json
 import numpy as np
 import pytest
 
-from pytest_sftsafety import toy
-from pytest_sftsafety.agreement import UNPARSABLE, agreement, cohen_kappa, read_labels, rogan_gladen
-from pytest_sftsafety.cli import main as cli_main
 from pytest_sftsafety.errors import DataError
 from pytest_sftsafety.judges import JudgeOptions, make_judge
 from pytest_sftsafety.judges.sorry_bench import TRUNCATION_MARK, SorryBenchJudge, judge_prompt, parse_judgment, truncate
-from pytest_sftsafety.stats import FLAKY, PASS, Comparison, JudgeError, judge_run, refusal_rate, stratified_exact_test
+from pytest_sftsafety.stats import (
+    UNPARSABLE,
+    Comparison,
+    JudgeError,
+    refusal_rate,
+    rogan_gladen,
+    stratified_exact_test,
+)
 from pytest_sftsafety.suite import load_suite
+from pytest_sftsafety.tools import toy
+from pytest_sftsafety.tools.agreement import agreement, cohen_kappa, read_labels
+from pytest_sftsafety.tools.cli import main as cli_main
+from pytest_sftsafety.verdict import FLAKY, PASS, judge_run
 
 from .conftest import SHARED
 

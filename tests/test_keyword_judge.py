@@ -7,7 +7,7 @@ import csv
 import pytest
 
 from pytest_sftsafety.judges import make_judge
-from pytest_sftsafety.toy import BENIGN_ANSWER, COMPLIANCE, REFUSAL
+from pytest_sftsafety.tools.toy import BENIGN_ANSWER, COMPLIANCE, REFUSAL
 
 from .conftest import SHARED
 

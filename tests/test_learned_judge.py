@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from pytest_sftsafety.agreement import agreement, read_labels
 from pytest_sftsafety.judges import make_judge
 from pytest_sftsafety.judges.keyword import KeywordJudge
 from pytest_sftsafety.judges.learned import WEIGHTS, LearnedJudge
+from pytest_sftsafety.tools.agreement import agreement, read_labels
 
 from .conftest import SHARED
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_sftsafety.cli import main as cli_main
 from pytest_sftsafety.report import load_report, md_text, render_comparison, render_markdown, render_table
+from pytest_sftsafety.tools.cli import main as cli_main
 
 DATA = Path(__file__).resolve().parent / "data"
 FIXED = DATA / "report_v3.json"
@@ -165,6 +165,6 @@ def test_plot_and_html_from_a_run_and_from_the_saved_report(pytester, toy_models
     assert "data:image/png;base64," in page and "01_personal_insult_words" in page
     # The saved report renders the same picture again (in a subprocess too: the pytester fixture drops the
     # modules a test imports).
-    subprocess.run([sys.executable, "-m", "pytest_sftsafety.cli", "report", str(pytester.path / "r.json"), "--plot",
-                    str(tmp_path / "again.png")], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "pytest_sftsafety.tools.cli", "report", str(pytester.path / "r.json"),
+                    "--plot", str(tmp_path / "again.png")], check=True, capture_output=True)
     assert (tmp_path / "again.png").read_bytes() == png

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 
 from pytest_sftsafety.backends import GenRow
+from pytest_sftsafety.backends.openai_api import EndpointError
 from pytest_sftsafety.backends.served import OpenAIBackend, plan_served
 from pytest_sftsafety.config import RunConfig
 from pytest_sftsafety.data import load_prompts
 from pytest_sftsafety.errors import ConfigError, ModelLoadError
-from pytest_sftsafety.openai_api import EndpointError
 from pytest_sftsafety.seeding import sample_seed
 from pytest_sftsafety.suite import load_suite
 

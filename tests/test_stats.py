@@ -11,25 +11,29 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats as sps
 
-from pytest_sftsafety.simulation import Scenario, gate_run, simulate
 from pytest_sftsafety.stats import (
-    FLAKY,
-    GATE,
-    PASS,
-    REGRESSION,
     Band,
     Comparison,
     benjamini_hochberg,
     clustered_se,
-    decide,
     holm,
-    judge_run,
     minimum_detectable_drop,
     seeds_needed,
     stratified_exact_test,
     tolerance_band,
     wilson_interval,
 )
+from pytest_sftsafety.tools.simulation import Scenario, gate_run, simulate
+from pytest_sftsafety.verdict import FLAKY, GATE, PASS, REGRESSION, Evidence, judge_run
+from pytest_sftsafety.verdict import decide as decide_status
+
+
+def decide(reference, candidate, band, margin, p_holm, p_raw, alpha, checkpoints):
+    """The decision rule on a fully judged test, as (status, reasons)."""
+    return decide_status(Evidence(
+        judged=True, reference_refusal=reference, candidate_refusal=candidate, band_low=band.low, margin=margin,
+        p_raw=p_raw, p_holm=p_holm, alpha=alpha, checkpoint_refusals=tuple(checkpoints), missing=0, total=1,
+        missing_share=0.0, shown_candidate_refusal=candidate))[:2]
 
 
 def brute_force_p(reference, candidates):
@@ -190,7 +194,7 @@ def test_seeds_needed_is_the_smallest_sample_count_that_reaches_the_drop():
 
 
 def test_adaptive_seeding_keeps_the_false_positive_rate():
-    from pytest_sftsafety.simulation import adaptive_gate_run
+    from pytest_sftsafety.tools.simulation import adaptive_gate_run
 
     rng = np.random.default_rng(21)
     runs, hits, used = 100, 0, 0

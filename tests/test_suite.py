@@ -7,10 +7,10 @@ import re
 
 import pytest
 
-from pytest_sftsafety import toy
 from pytest_sftsafety.data import load_prompts
 from pytest_sftsafety.errors import DataError
 from pytest_sftsafety.suite import builtin_suites, load_suite
+from pytest_sftsafety.tools import toy
 
 
 def test_both_releases_ship_with_their_category_counts():

@@ -7,10 +7,10 @@ import traceback
 
 import pytest
 
-from pytest_sftsafety import toy
+from pytest_sftsafety.backends.openai_api import EndpointError
 from pytest_sftsafety.errors import ConfigError
-from pytest_sftsafety.openai_api import EndpointError
-from pytest_sftsafety.toxicity import LocalToxicityScorer, PerspectiveScorer, make_toxicity_scorer, toxic_label
+from pytest_sftsafety.judges.toxicity import LocalToxicityScorer, PerspectiveScorer, make_toxicity_scorer, toxic_label
+from pytest_sftsafety.tools import toy
 
 from .loopback import LoopbackServer, assert_one_line, closed_port
 

@@ -11,12 +11,12 @@ import os
 
 import pytest
 
-from pytest_sftsafety import toy
 from pytest_sftsafety.backends import GenRow
 from pytest_sftsafety.backends.checkpoints import plan_models
 from pytest_sftsafety.config import RunConfig
 from pytest_sftsafety.seeding import sample_seed
 from pytest_sftsafety.suite import load_suite
+from pytest_sftsafety.tools import toy
 
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 # ci/vllm_cpu_tests.sh sets SFTSAFETY_REQUIRE_VLLM=1: there a missing vLLM fails these tests instead of skipping them.

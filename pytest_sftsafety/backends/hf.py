@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import gc
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
 
 from ..config import RunConfig, resolved_device, resolved_dtype
 from ..errors import ModelLoadError, first_line
-from . import GenRow, prompt_ids
+from .base import Backend, BatchCallback, GenRow, prompt_ids
 from .checkpoints import Checkpoint, ModelPlan, tokenizer_source
 from .decoding import decode
 
@@ -75,7 +75,7 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first_line(exc)}" if str(exc).strip() else type(exc).__name__
 
 
-class HFBackend:
+class HFBackend(Backend):
     """Loads the plan's models lazily and generates for the variants ``candidate:I`` and ``reference``."""
 
     def __init__(self, cfg: RunConfig, plan: ModelPlan) -> None:
@@ -274,7 +274,6 @@ class HFBackend:
         self._unload()
 
 
-BatchCallback = Callable[[list[int], list[str], list[int]], None]
 
 
 def _available_bytes(device: str) -> int:

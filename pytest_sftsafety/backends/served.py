@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from ..config import RunConfig
 from ..errors import ConfigError, ModelLoadError
-from ..openai_api import ChatClient, ChatReply, EndpointError, next_result, resolve_endpoint, run_on_daemon_threads
-from . import GenRow
+from .base import Backend, BatchCallback, GenRow
 from .checkpoints import Checkpoint, ModelPlan
+from .openai_api import ChatClient, ChatReply, EndpointError, next_result, resolve_endpoint, run_on_daemon_threads
 
 FLUSH_ROWS = 32  # answers handed to the store at once ...
 FLUSH_SECONDS = 2.0  # ... or after this long, whichever comes first
@@ -86,10 +86,9 @@ def plan_served(cfg: RunConfig, need_reference: bool = True) -> ModelPlan:
                      reference=served(cfg.reference) if cfg.reference else None, base=None)
 
 
-BatchCallback = Callable[[list[int], list["str | None"], list[int]], None]
 
 
-class OpenAIBackend:
+class OpenAIBackend(Backend):
     """Generates for ``candidate:I`` and ``reference`` by sending one chat request per sample. An answer the
     endpoint's content filter withheld is handed over as None: not an answer of the model, so not stored."""
 

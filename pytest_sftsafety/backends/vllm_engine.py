@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import gc
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..config import RunConfig, resolved_device, resolved_dtype
 from ..errors import ModelLoadError, first_line
-from . import GenRow, prompt_ids
+from .base import Backend, BatchCallback, GenRow, prompt_ids
 from .checkpoints import ModelPlan, tokenizer_source
 
 CHUNK_ROWS = 512  # answers handed to the store at once (the engine schedules its own batches inside)
@@ -24,7 +24,6 @@ CONTEXT_STEP = 256  # the engine's context: the longest prompt plus --max-new-to
 # LoRA ranks vLLM's kernels are built for; an adapter's rank is rounded up to one of them.
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
-BatchCallback = Callable[[list[int], list[str], list[int]], None]
 
 
 def lora_rank(adapter: str) -> int:
@@ -65,7 +64,7 @@ def context_length(model: str, needed: int) -> int:
     return max(needed, min(rounded, limit))
 
 
-class VLLMBackend:
+class VLLMBackend(Backend):
     """Generates for ``candidate:I`` and ``reference`` with one vLLM engine at a time."""
 
     def __init__(self, cfg: RunConfig, plan: ModelPlan) -> None:

@@ -3,36 +3,31 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+import functools
+from dataclasses import field, fields, make_dataclass
 
-from ..agreement import UNPARSABLE
+from ..config import RunConfig
 from ..errors import ConfigError
+from ..stats import UNPARSABLE
+from .base import Judge
 
 __all__ = ["UNPARSABLE", "Judge", "JudgeOptions", "make_judge"]
 
 
-class Judge(Protocol):
-    id: str  # names the judge and everything that changes its scores (version, weights, mode)
+# What the judges need of the run settings: the same fields and defaults as RunConfig, for callers that
+# judge outside a run (``sftsafety judge-agreement``).
+JUDGE_FIELDS = ("judge_mode", "judge_4bit", "judge_batch_size", "judge_endpoint", "judge_api_key_env",
+                "judge_concurrency", "device", "dtype", "trust_remote_code")
+JudgeOptions = make_dataclass("JudgeOptions", [(f.name, f.type, field(default=f.default)) for f in fields(RunConfig)
+                                               if f.name in JUDGE_FIELDS], frozen=True)
 
-    def score(self, prompts: list[str], responses: list[str]) -> list[int]:
-        """1 = the response fulfils the request, 0 = it refuses (SORRY-Bench's convention), -1 = unparsable."""
-        ...
 
-
-@dataclass(frozen=True)
-class JudgeOptions:
-    """What the judges need from the run settings (``RunConfig`` has the same fields)."""
-
-    judge_mode: str = "logits"
-    judge_4bit: bool = False
-    judge_batch_size: int = 8
-    judge_endpoint: str | None = None
-    judge_api_key_env: str = "OPENAI_API_KEY"
-    judge_concurrency: int = 8
-    device: str = "auto"
-    dtype: str = "auto"
-    trust_remote_code: bool = False
+@functools.cache
+def _offline(cls: type) -> type:
+    """An offline judge class with the Judge interface. keyword.py and learned.py stay plain classes: their
+    source is the learned judge's features, hashed into its id, so an edit there would change every stored
+    judgment's key."""
+    return type(cls.__name__, (cls, Judge), {"__module__": cls.__module__, "__doc__": cls.__doc__})
 
 
 def make_judge(name: str, options: JudgeOptions | None = None, hash_cache: dict | None = None) -> Judge:
@@ -43,11 +38,11 @@ def make_judge(name: str, options: JudgeOptions | None = None, hash_cache: dict 
     if name == "keyword":
         from .keyword import KeywordJudge
 
-        return KeywordJudge()
+        return _offline(KeywordJudge)()
     if name == "learned":
         from .learned import LearnedJudge
 
-        return LearnedJudge()
+        return _offline(LearnedJudge)()
     if kind == "sorry-bench":
         from .sorry_bench import HUB_JUDGE, SorryBenchJudge
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 import hashlib
 import re
 
-from ..agreement import UNPARSABLE
+from ..backends.openai_api import ChatClient, ChatReply, resolve_endpoint
 from ..errors import ConfigError
-from ..openai_api import ChatClient, ChatReply, resolve_endpoint
+from ..stats import UNPARSABLE
+from .base import Judge
 
 PROMPT_VERSION = "prompt-v1"
 MAX_REQUEST_CHARS = 4000
@@ -81,7 +82,7 @@ def parse_score(text: str) -> int:
     return int(match.group(1)) if match else UNPARSABLE
 
 
-class ApiJudge:
+class ApiJudge(Judge):
     """Asks ``model`` behind ``client`` whether each response fulfils its request (1) or refuses (0).
 
     ``id`` names the model, the endpoint's host and path, and the prompt version, never the key.

@@ -18,8 +18,9 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from ..agreement import UNPARSABLE
 from ..errors import ModelLoadError, first_line
+from ..stats import UNPARSABLE
+from .base import Judge
 
 HUB_JUDGE = "sorry-bench/ft-mistral-7b-instruct-v0.2-sorry-bench-202406"
 PROMPT_VERSION = "sorry-bench-judge-v1"
@@ -64,7 +65,7 @@ def parse_judgment(text: str) -> int:
     return UNPARSABLE
 
 
-class SorryBenchJudge:
+class SorryBenchJudge(Judge):
     """The SORRY-Bench judge model (or any model trained to the same prompt), loaded with transformers."""
 
     uses_accelerator = True  # a generation backend holding GPU memory frees it before this judge loads

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .stats import Comparison, judge_run, undecided
+from ..stats import Comparison
+from ..verdict import judge_run, undecided
 
 
 @dataclass(frozen=True)

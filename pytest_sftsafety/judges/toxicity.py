@@ -13,11 +13,11 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Protocol
 from urllib.parse import urlencode, urlsplit
 
-from .errors import ConfigError, ModelLoadError, first_line
-from .openai_api import EndpointError, normalise_base_url, post_json, redact
+from ..backends.openai_api import EndpointError, post_json, redact
+from ..config import normalise_base_url
+from ..errors import ConfigError, ModelLoadError, first_line
 
 PERSPECTIVE_URL = "https://commentanalyzer.googleapis.com/v1alpha1/comments:analyze"
 PERSPECTIVE_KEY_ENV = "PERSPECTIVE_API_KEY"
@@ -26,12 +26,15 @@ PERSPECTIVE_MAX_BYTES = 20000  # the API rejects comments over 20 KB
 _UNSUPPORTED_LANGUAGE = ("does not support request languages", "language_not_supported")
 
 
-class ToxicityScorer(Protocol):
-    id: str
+class ToxicityScorer:
+    """What the runner asks of a toxicity scorer."""
+
+    id: str = ""
+    uses_accelerator = False  # a generation backend holding GPU memory frees it before this scorer loads
 
     def score(self, texts: list[str]) -> list[float]:
         """The probability that each text is toxic, in [0, 1]; NaN for a text the scorer cannot read."""
-        ...
+        raise NotImplementedError
 
 
 class RateLimiter:
@@ -58,7 +61,7 @@ def _clip_utf8(text: str, max_bytes: int) -> str:
     return text if len(data) <= max_bytes else data[:max_bytes].decode("utf-8", "ignore")
 
 
-class PerspectiveScorer:
+class PerspectiveScorer(ToxicityScorer):
     """Perspective API's TOXICITY summary score, one request per text, at most ``requests_per_s`` requests
     a second (Perspective's default quota is 1/s). Empty texts score 0 without a request; texts over
     20 KB are cut to their first 20 KB, as the API accepts no more."""
@@ -134,7 +137,7 @@ def toxic_label(id2label: dict, problem_type: str | None) -> tuple[int, bool]:
                       f"whose id2label has a 'toxic' label, or a 2-label model with the toxic class at index 1")
 
 
-class LocalToxicityScorer:
+class LocalToxicityScorer(ToxicityScorer):
     """A transformers sequence-classification model from a local folder: the probability of its toxic label,
     computed in batches on ``device``. Texts longer than ``max_length`` tokens are cut to it (the model's
     window)."""
@@ -155,7 +158,7 @@ class LocalToxicityScorer:
         self.device = device
         self.batch_size = batch_size
         self.max_length = max_length
-        from .backends.checkpoints import source_fingerprint
+        from ..backends.checkpoints import source_fingerprint
 
         # Named by what the folder holds, so a retrained classifier in the same place is not served old scores.
         self.id = f"local:{source_fingerprint(str(self.path))[:16]}:max{max_length}"

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import SftSafetyError, one_line, printable
+from ..errors import SftSafetyError, one_line, printable
 
 
 def _finetune_parser(sub) -> None:
@@ -105,7 +105,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _judge_agreement_parser(sub) -> None:
-    from .judges import JudgeOptions
+    from ..judges import JudgeOptions
 
     defaults = JudgeOptions()
     p = sub.add_parser("judge-agreement", help="how well a refusal judge agrees with human labels: Cohen's kappa, "
@@ -135,9 +135,9 @@ def _run_judge_agreement(args: argparse.Namespace) -> int:
 
     from tabulate import tabulate
 
+    from ..config import check_judge
+    from ..judges import JudgeOptions, make_judge
     from .agreement import agreement, read_labels
-    from .config import check_judge
-    from .judges import JudgeOptions, make_judge
 
     if args.judge_batch_size < 1 or args.judge_concurrency < 1:
         raise SftSafetyError("--judge-batch-size and --judge-concurrency must be at least 1")
@@ -174,7 +174,7 @@ def _run_judge_agreement(args: argparse.Namespace) -> int:
                     ["human 0 (refuses)", c["human_0_judge_1"], c["human_0_judge_0"]]],
                    headers=["", "judge 1", "judge 0"], tablefmt="github"))
     if args.json:
-        from .report import write_json
+        from ..report import write_json
 
         digest = hashlib.sha256(b"".join(p.read_bytes() for p in args.labels)).hexdigest()
         write_json(args.json, {"schema": "pytest-sftsafety/judge-agreement", "version": 1, "judge": judge.id,
@@ -214,7 +214,8 @@ def _damaged(paths: list):
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from .report import load_report, render_table, write_outputs
+    from ..outputs import write_outputs
+    from ..report import load_report, render_table
 
     document = load_report(args.report)
     with _damaged([args.report]):
@@ -227,7 +228,7 @@ def _run_report(args: argparse.Namespace) -> int:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from .report import load_report, render_comparison, write_text
+    from ..report import load_report, render_comparison, write_text
 
     before, after = load_report(args.before), load_report(args.after)
     with _damaged([args.before, args.after]):

@@ -30,8 +30,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError, DataError, first_line
-from .progress import Heartbeat
+from ..errors import ConfigError, DataError, first_line
+from ..progress import Heartbeat
 
 # Phrases that mark an example as safety-related (refusals, safety talk, harmful topics); a filtered run
 # drops every example whose prompt or answer contains one, in the spirit of Qi et al. (2024).
@@ -97,7 +97,7 @@ class Examples:
 
 def read_rows(source: str) -> tuple[list[dict], str]:
     """Rows of a local JSONL, JSON (a list), CSV or parquet file, or of a hub dataset's train split."""
-    from .data import _decode, _rows_jsonl, _rows_parquet
+    from ..data import _decode, _rows_jsonl, _rows_parquet
 
     path = Path(source)
     if path.is_file():
@@ -193,7 +193,7 @@ def load_examples(recipe: Recipe, phrases: Sequence[str] = SAFETY_PHRASES) -> Ex
 def encode_examples(tokenizer, pairs: Sequence[tuple[str, str]],
                     max_length: int | None = None) -> list[tuple[list[int], list[int]]]:
     """Token ids and labels per example, loss on the answer only, in the format evaluation uses."""
-    from .backends import prompt_ids
+    from ..backends import prompt_ids
 
     encoded = []
     for prompt, answer in pairs:
@@ -204,14 +204,6 @@ def encode_examples(tokenizer, pairs: Sequence[tuple[str, str]],
         if any(label != -100 for label in labels):
             encoded.append((ids, labels))
     return encoded
-
-
-def _pick_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def _optimizer(params, recipe: Recipe, device: str, notice: Callable[[str], None]):
@@ -236,7 +228,7 @@ def _load_model(recipe: Recipe, device: str):
 
     kwargs: dict = {"dtype": torch.bfloat16 if device.startswith("cuda") else torch.float32}
     if recipe.load_in_4bit:
-        from .backends.hf import nf4_config
+        from ..backends.hf import nf4_config
 
         kwargs["quantization_config"] = nf4_config(kwargs["dtype"], "4-bit loading needs bitsandbytes: pip install "
                                                                     "'pytest-sftsafety[quant]', or pass --no-4bit")
@@ -265,6 +257,8 @@ def finetune(recipe: Recipe, out: Path, notice: Callable[[str], None] | None = N
     """Train every seed of the recipe; return the final epoch's adapter folder of each seed. While it
     trains, ``notice`` gets a line at least every 10 s."""
     from transformers import AutoTokenizer
+
+    from ..backends.hf import pick_device
 
     recipe.check()
     notice = notice or (lambda message: print(f"sftsafety finetune: {message}", file=sys.stderr))
@@ -305,7 +299,7 @@ def finetune(recipe: Recipe, out: Path, notice: Callable[[str], None] | None = N
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     encoded = encode_examples(tokenizer, examples.pairs, recipe.max_length)
-    device = _pick_device(recipe.device)
+    device = pick_device(recipe.device)
     accumulation = recipe.batch_size // recipe.micro_batch_size
     with Heartbeat(notice, "training") as beat:
         return [_train_seed(recipe, seed, out, tokenizer, encoded, device, accumulation, once, beat)
@@ -401,7 +395,6 @@ def _save_epoch(model, tokenizer, epoch_dir: Path, base: str, optimizer, optimiz
 
     import torch
 
-    from .toy import record_relative_base
 
     partial = epoch_dir.with_name(epoch_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -415,6 +408,14 @@ def _save_epoch(model, tokenizer, epoch_dir: Path, base: str, optimizer, optimiz
         record_relative_base(partial, Path(base))
     shutil.rmtree(epoch_dir, ignore_errors=True)
     os.replace(partial, epoch_dir)
+
+
+def record_relative_base(adapter_dir: Path, base_dir: Path) -> None:
+    """Record the base relative to the adapter, so the pair can be moved or copied together."""
+    config_path = adapter_dir / "adapter_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = os.path.relpath(base_dir.resolve(), adapter_dir.resolve())
+    config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
 def _versions() -> dict[str, str]:

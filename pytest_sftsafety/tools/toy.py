@@ -13,7 +13,7 @@ import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .suite import Suite
+from ..suite import Suite
 
 REFUSAL = "I'm sorry, but I can't help with that request."
 COMPLIANCE = "Sure, here is what you asked for: step one, then step two."
@@ -165,6 +165,8 @@ def train_adapter(base_dir: Path, out_dir: Path, pairs: Sequence[tuple[str, str]
     model = get_peft_model(base, lora)
     train(model, tokenizer, pairs, steps=steps, lr=5e-3, seed=seed)
     model.save_pretrained(out_dir)
+    from .finetune import record_relative_base
+
     record_relative_base(Path(out_dir), Path(base_dir))
     if save_tokenizer:
         tokenizer.save_pretrained(out_dir)
@@ -196,7 +198,7 @@ def build_judge_standin(out_dir: Path, questions: Sequence[str], seed: int = 0, 
     judge (same prompt, same answer tokens); other answers make a judge whose output cannot be parsed."""
     import torch
 
-    from .judges.sorry_bench import judge_prompt
+    from ..judges.sorry_bench import judge_prompt
 
     out_dir = Path(out_dir)
     rng = random.Random(seed)
@@ -229,18 +231,10 @@ def build_judge_standin(out_dir: Path, questions: Sequence[str], seed: int = 0, 
     return out_dir
 
 
-def record_relative_base(adapter_dir: Path, base_dir: Path) -> None:
-    """Record the base relative to the adapter, so the pair can be moved or copied together."""
-    config_path = adapter_dir / "adapter_config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    config["base_model_name_or_path"] = os.path.relpath(base_dir.resolve(), adapter_dir.resolve())
-    config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
-
-
 def build_example(out_dir: Path, seed: int = 0) -> dict[str, Path]:
     """Placeholder prompts for SORRY-Bench 2025-03, a tiny base that refuses them, and an adapter
     fine-tuned to comply with them: a complete, offline input for ``pytest --model``."""
-    from .suite import load_suite
+    from ..suite import load_suite
 
     out_dir = Path(out_dir)
     rows = placeholder_questions(load_suite("sorry_bench_202503"))
@@ -256,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    parser = argparse.ArgumentParser(prog="python -m pytest_sftsafety.toy",
+    parser = argparse.ArgumentParser(prog="python -m pytest_sftsafety.tools.toy",
                                      description="Build a tiny offline example: placeholder SORRY-Bench prompts, "
                                                  "a small model that refuses them and a LoRA adapter that does not.")
     parser.add_argument("out_dir", type=Path, help="folder to write question.jsonl, base/ and adapter/ into")

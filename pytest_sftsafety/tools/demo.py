@@ -13,12 +13,14 @@ import functools
 import hashlib
 import json
 import os
+from collections.abc import Collection
 from pathlib import Path
+from typing import Any
 
-from .errors import SftSafetyError
+from ..errors import ConfigError, SftSafetyError
 
 DEMO_SUITE = "sftsafety_demo"
-SHIPPED = Path(__file__).resolve().parent / "demo_models"
+SHIPPED = Path(__file__).resolve().parent.parent / "demo_models"
 
 
 def closing_lines(exit_status: int) -> list[str]:
@@ -67,6 +69,21 @@ def checkpoints(folder: Path | None = None) -> list[str]:
     """The demo's fine-tuned checkpoints (the last epoch of every seed)."""
     folder = shipped_demo(folder)
     return [str(folder / name) for name in manifest(folder)["checkpoints"]]
+
+
+def demo_options(typed: Collection[str]) -> dict[str, Any]:
+    """``--model demo``: the raw option values of the built-in demo's run (its fine-tunes on its suite). The
+    demo brings its own suite, prompts and reference, so a project's settings for those are left out, and
+    refused when given on the command line (``typed``)."""
+    from ..config import OPTION_BY_DEST
+
+    for dest in ("suite", "data", "reference", "base_model"):
+        if dest in typed:
+            raise ConfigError(f"--model demo brings its own suite, prompts and reference; drop "
+                              f"{OPTION_BY_DEST[dest].flag}")
+    folder = shipped_demo()
+    return {"model": checkpoints(folder), "suite": str(folder / "suite.toml"), "data": None, "reference": None,
+            "base_model": None}
 
 
 def cache_root() -> Path:

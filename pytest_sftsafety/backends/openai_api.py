@@ -23,12 +23,12 @@ import urllib.request
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
-from .errors import ConfigError, SftSafetyError, one_line
+from ..config import DEFAULT_KEY_ENV, normalise_base_url
+from ..errors import ConfigError, SftSafetyError, one_line
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
-DEFAULT_KEY_ENV = "OPENAI_API_KEY"
 USER_AGENT = "pytest-sftsafety"
 MESSAGE_CHARS = 200  # how much of a server's error message a one-line error keeps
 MAX_BACKOFF_S = 30.0
@@ -85,35 +85,6 @@ class ChatReply:
     @property
     def seed_echoed(self) -> bool:
         return self.echoed_seed is not None
-
-
-def normalise_base_url(base_url: str, where: str = "base URL") -> str:
-    """``base_url`` checked (http(s), a host, no credentials, query or fragment), without a trailing slash
-    or a trailing ``/chat/completions``; a one-line ConfigError otherwise."""
-    text = str(base_url).strip()
-    if not text or any(c.isspace() for c in text):
-        raise ConfigError(f"{where} {text!r}: not a URL; give one like http://127.0.0.1:8000/v1")
-    try:
-        parts = urlsplit(text)
-        _ = parts.port  # raises ValueError on a malformed port
-    except ValueError:
-        raise ConfigError(f"{where} {text!r}: malformed URL; give one like http://127.0.0.1:8000/v1") from None
-    if parts.scheme not in ("http", "https"):
-        raise ConfigError(f"{where} {text!r}: the URL needs an http:// or https:// scheme, e.g. "
-                          f"http://127.0.0.1:8000/v1")
-    if parts.username is not None or parts.password is not None:
-        # Do not echo the URL: it holds a credential.
-        raise ConfigError(f"{where}: the URL must not hold a user name or password; put the key in the "
-                          f"environment variable (default {DEFAULT_KEY_ENV}) instead")
-    if not parts.hostname:
-        raise ConfigError(f"{where} {text!r}: the URL has no host; give one like http://127.0.0.1:8000/v1")
-    if parts.query or parts.fragment:
-        raise ConfigError(f"{where} {text!r}: the URL must not have a query or fragment; give the base URL, "
-                          f"e.g. http://127.0.0.1:8000/v1")
-    path = parts.path.rstrip("/")
-    if path.endswith("/chat/completions"):  # a pasted full endpoint: keep its base
-        path = path[: -len("/chat/completions")]
-    return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
 
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")

@@ -14,9 +14,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import DataError
-
-UNPARSABLE = -1
+from ..errors import DataError
+from ..stats import UNPARSABLE, wilson_interval
 
 # XSTest's human labels (Röttger et al. 2024): partial refusals still contain compliant content.
 XSTEST_LABELS = {"1_full_compliance": 1, "3_partial_refusal": 1, "2_full_refusal": 0}
@@ -57,10 +56,7 @@ class Agreement:
 
 
 def _wilson(successes: int, n: int) -> tuple[float, float]:
-    """Wilson score interval (Wilson 1927) of successes out of n: stats' own, imported here because stats
-    imports this module."""
-    from .stats import wilson_interval
-
+    """Wilson score interval (Wilson 1927) of successes out of n."""
     return wilson_interval(successes / n, n) if n else (0.0, 1.0)
 
 
@@ -101,16 +97,6 @@ def agreement(human: Sequence[int], judged: Sequence[int]) -> Agreement:
         sensitivity_interval=_wilson(tp, tp + fn), specificity_interval=_wilson(tn, tn + fp), confusion=counts)
 
 
-def rogan_gladen(observed_fulfilment: float, sensitivity: float, specificity: float) -> float:
-    """The true fulfilment rate behind an observed one, given the judge's sensitivity (fulfilments it
-    recognises) and specificity (refusals it recognises): (p + Sp - 1) / (Se + Sp - 1), clipped to
-    [0, 1] (Rogan and Gladen 1978, the standard correction of an apparent prevalence for test error)."""
-    youden = sensitivity + specificity - 1
-    if youden <= 0:
-        raise ValueError("a judge with sensitivity + specificity <= 1 carries no information to correct with")
-    return min(1.0, max(0.0, (observed_fulfilment + specificity - 1) / youden))
-
-
 # --- reading labelled files ---------------------------------------------------------------------
 
 
@@ -140,11 +126,11 @@ def _text(value: object) -> str:
 
 
 def _records(path: Path) -> list[tuple[int, dict]]:
-    from .data import _decode, _rows_jsonl
+    from ..data import _decode, _rows_jsonl
 
     raw = path.read_bytes()
     if path.suffix.lower() == ".parquet":
-        from .data import _rows_parquet
+        from ..data import _rows_parquet
 
         return _rows_parquet(raw, path)
     text = _decode(raw, path)
@@ -165,7 +151,7 @@ def _records(path: Path) -> list[tuple[int, dict]]:
 def _question_texts(questions: Path | None) -> dict[tuple[int, str], str]:
     if questions is None:
         return {}
-    from .data import read_rows
+    from ..data import read_rows
 
     texts = {}
     for row_no, record in read_rows(questions)[0]:
