@@ -92,6 +92,7 @@ def test_demo_run_mirrors_the_paper(demo_run):
     assert done.stdout.rstrip().splitlines()[-2:] == demo.closing_lines(1)
 
 
+@pytest.mark.slow  # the whole demo again in a process of its own: about a minute on 2 cores
 def test_the_demo_gives_the_same_answers_on_other_cpu_kernels_and_threads(demo_run, tmp_path):
     _, _, report = demo_run
     done = run_pytest([*DEMO, "--sftsafety-json", "r.json", "--sftsafety-samples"], tmp_path, env=OTHER_KERNELS,

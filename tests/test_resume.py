@@ -91,6 +91,7 @@ def test_killed_run_resumes_from_the_store_to_the_same_report(pytester, toy_mode
     assert entries(pytester.path / "resumed.json") == entries(pytester.path / "whole.json")
 
 
+@pytest.mark.slow  # two real runs interrupted mid-generation, each resumed: a minute on 2 cores
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_interrupted_run_stops_cleanly_with_every_finished_batch_stored(pytester, toy_models, sig):
     """Ctrl-C and SIGTERM (a cancelled CI job) mid-generation: exit status 2 within seconds, a message that

@@ -369,7 +369,9 @@ def test_an_interrupt_or_a_failure_does_not_wait_for_requests_in_flight(loopback
 
     def delay(index, call):
         text = (call.body or {}).get("messages", [{}])[0].get("content")
-        return 0.0 if text in (None, "q0") or (how == "failure" and text == "q1") else 60.0
+        if how == "failure" and text == "q1":
+            return 2.0  # fails after q0's answer has arrived, so that answer must be handed over
+        return 0.0 if text in (None, "q0") else 60.0
 
     loopback.respond, loopback.delay = respond, delay
     script = tmp_path / "interrupted.py"
