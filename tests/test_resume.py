@@ -64,6 +64,7 @@ def stored_generations(path) -> int:
         return 0
 
 
+@pytest.mark.slow  # a real run killed mid-generation, then the whole run again: half a minute on 2 cores
 def test_killed_run_resumes_from_the_store_to_the_same_report(pytester, toy_models):
     store = pytester.path / "store.sqlite"
     proc = subprocess.Popen(pytest_cmd(toy_models, "--sftsafety-store", str(store), "--batch-size", "8"),

@@ -205,6 +205,7 @@ def test_unknown_names_and_unreachable_servers_fail_at_start(serve):
     assert "pass the right --endpoint URL" in str(caught.value)
 
 
+@pytest.mark.slow  # two real runs against a served model: half a minute on 2 cores
 def test_a_dying_server_keeps_every_answer_received_and_a_rerun_finishes(pytester, toy_models, serve):
     """The server exits after 25 answers: the run stops with one line, the answers it had are stored,
     and the re-run (against a restarted server on the same port) asks only for the rest."""
