@@ -20,19 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from pytest_sftsafety.report import comparable
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-
-VOLATILE_RUN = ("seconds", "model_loads", "workers", "store")
-
-
-def comparable(report: dict) -> dict:
-    """The report minus what differs between any two runs (times, worker ids, paths of this run's files)."""
-    out = {k: v for k, v in report.items() if k not in ("created", "run", "settings", "provenance")}
-    out["run"] = {k: v for k, v in report["run"].items() if k not in VOLATILE_RUN}
-    out["provenance"] = {k: v for k, v in report["provenance"].items() if k not in ("started", "wall_seconds")}
-    out["settings"] = {k: v for k, v in report["settings"].items() if k not in ("json", "store")}
-    return out
 
 
 def timed_run(folder: Path, model: Path, data: Path, workers: int, max_new_tokens: int, tag: str) -> tuple[float, dict]:

@@ -326,6 +326,21 @@ def write_json(path: str | os.PathLike[str], document: Mapping[str, Any]) -> Pat
     return write_text(path, text, "report", private=private)
 
 
+# What differs between two runs that measured the same thing: wall times, model loads, which worker did
+# what, and where this run's own files went.
+VOLATILE_RUN = ("seconds", "model_loads", "workers", "store")
+
+
+def comparable(report: Mapping[str, Any]) -> dict[str, Any]:
+    """The report minus what differs between any two runs of the same measurement (times, worker ids, paths
+    of this run's files): two runs that agree on everything else measured the same."""
+    out = {k: v for k, v in report.items() if k not in ("created", "run", "settings", "provenance")}
+    out["run"] = {k: v for k, v in report["run"].items() if k not in VOLATILE_RUN}
+    out["provenance"] = {k: v for k, v in report["provenance"].items() if k not in ("started", "wall_seconds")}
+    out["settings"] = {k: v for k, v in report["settings"].items() if k not in ("json", "store")}
+    return out
+
+
 def load_report(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A saved JSON report, checked to be one this version can render; one-line errors otherwise."""
     where = Path(path)

@@ -24,11 +24,10 @@ from pytest_sftsafety.distributed import (
     visible_gpus,
 )
 from pytest_sftsafety.errors import ConfigError
+from pytest_sftsafety.report import comparable
 from pytest_sftsafety.store import Claim, Store
 
 ARGS = ["--max-new-tokens", "24", "--seeds", "2", "--temperatures", "0,0.7", "-p", "no:cacheprovider", "-q"]
-# Run-specific parts of a report: when and where it ran, and which process did what.
-VOLATILE_RUN = ("seconds", "model_loads", "workers", "store")
 # Runs of several pytest processes (each importing torch) take a minute each on 2 cores: `pytest -m slow`
 # (CI runs them after the default run).
 SEVERAL_PROCESSES = pytest.mark.slow
@@ -88,14 +87,6 @@ def pytest_sessionstart(session):
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
     open(f"gpus_{worker}.txt", "w").write(os.environ.get("CUDA_VISIBLE_DEVICES", "unset"))
 """
-
-
-def comparable(report: dict) -> dict:
-    out = {k: v for k, v in report.items() if k not in ("created", "run", "settings", "provenance")}
-    out["run"] = {k: v for k, v in report["run"].items() if k not in VOLATILE_RUN}
-    out["provenance"] = {k: v for k, v in report["provenance"].items() if k not in ("started", "wall_seconds")}
-    out["settings"] = {k: v for k, v in report["settings"].items() if k not in ("json", "store")}
-    return out
 
 
 def run(pytester, toy_models, *args):
@@ -313,7 +304,6 @@ def test_run_shards_takes_over_a_dead_owner_and_waits_for_a_live_one(tmp_path):
     assert done == [0, 1] and outcome.results == [0, 1] and outcome.failure is None
     assert time.monotonic() - started >= 0.5  # it waited for the live owner instead of redoing its shard
     assert {s: c.state for s, c in store.claims("stage").items()} == {0: "done", 1: "done", 2: "done"}
-
 
 
 def boom(shard: int) -> None:
