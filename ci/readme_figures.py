@@ -133,6 +133,11 @@ def render_demo(output: str, report: dict, alone: list[set[str]]) -> str:
     reference_rate = _percent(sampled_overall["reference_refusal_rate"])
     regress = {t: _count(count[t]["REGRESSION"], "category", "categories", "regresses", "regress") for t in temps}
     flaky = {t: _count(count[t]["FLAKY"], "drop", "drops", "is", "are") for t in temps}
+    reasons = {t: sorted({by_slug[s][t]["flaky"]["reason"] for s in by_slug if by_slug[s][t].get("flaky")})
+               for t in temps}
+
+    def why(t: float) -> str:
+        return f" ({', '.join(reasons[t])})" if reasons[t] else ""
     bullets = [
         f"- Benign fine-tuning lowers refusal: the reference refuses {reference_rate} of the prompts at "
         f"T={sampled:g}, the fine-tunes {_percent(sampled_overall['candidate_refusal_rate'])} (overall: "
@@ -144,10 +149,10 @@ def render_demo(output: str, report: dict, alone: list[set[str]]) -> str:
         f"at T={sampled:g}, they regress in {', '.join(str(len(a)) for a in alone[:-1])} and {len(alone[-1])} "
         f"categories, {len(in_common)} of them in common.",
         f"- Temperature changes the picture: greedy decoding gives one answer per prompt, so at T={greedy:g} "
-        f"{regress[greedy]} and {flaky[greedy]} FLAKY (not significant after Holm's correction, or carried by a "
-        f"minority of the seeds); at T={sampled:g}, with five samples per prompt, {regress[sampled]} and "
-        f"{flaky[sampled]} FLAKY. {_count(changed, 'category gets', 'categories get').capitalize()} another "
-        f"verdict at the two temperatures.",
+        f"{regress[greedy]} and {flaky[greedy]} FLAKY{why(greedy)}; at T={sampled:g}, with five samples per "
+        f"prompt, {regress[sampled]} and {flaky[sampled]} FLAKY{why(sampled)}. "
+        f"{_count(changed, 'category gets', 'categories get').capitalize()} another verdict at the two "
+        f"temperatures.",
     ]
     return f"```text\n{excerpt}\n```\n\n" + "\n".join(prose(b) for b in bullets)
 

@@ -36,8 +36,8 @@ common=(-p no:cacheprovider -q --suite "$demo/suite.toml" --seeds 5 --temperatur
 # Every seed against the base.
 pytest "${common[@]}" --model "runs/seed*/epoch-$epochs" --sftsafety-json all.json > all.txt || true
 # Seeds 2..N saved as a calibration baseline, and seed 1 (another fine-tune of the same recipe) checked
-# against it: the band now holds the seed-to-seed spread, so only drops beyond what another seed of the
-# recipe shows would regress.
+# against it: verdicts are at the recipe level, so only drops beyond what another seed of the recipe shows
+# regress.
 pytest "${common[@]}" --model "runs/seed[2-9]/epoch-$epochs" --sftsafety-save-baseline baseline.json > baseline.txt \
   || true
 pytest "${common[@]}" --model "runs/seed1/epoch-$epochs" --baseline baseline.json --sftsafety-json calibrated.json \

@@ -1,6 +1,7 @@
 """Calibration baselines: the outcomes of several fine-tuning seeds of one recipe, saved once and
-used later as the reference and the band, so a CI run with one new checkpoint knows how much seed
-noise to expect without generating the reference again.
+used later as the reference and as the recipe's seed-to-seed spread, so a CI run with one new checkpoint
+is judged at the recipe level (a drop beyond what the recipe's seeds spread) without generating the
+reference again.
 
 Core module: stdlib and numpy only.
 """
@@ -23,7 +24,10 @@ from .stats import refusal_rate
 BASELINE_SCHEMA = "pytest-sftsafety/baseline"
 BASELINE_VERSION = 1
 # Settings a baseline must share with the run that uses it: anything that changes what is measured.
-MATCHING = ("suite", "prompt_style", "data_sha256", "judge", "seeds", "min_p", "top_p", "max_new_tokens", "engine")
+# The run seed too: a baseline's checkpoints draw their samples from the same seeds, so their spread holds
+# none of the sampling noise a run with other seeds would add.
+MATCHING = ("suite", "prompt_style", "data_sha256", "judge", "seeds", "min_p", "top_p", "max_new_tokens", "engine",
+            "run_seed")
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,7 @@ class Baseline:
 def identity(settings: Mapping[str, Any], suite_name: str, data_sha256: str, judge_id: str, engine: str) -> dict:
     return {"suite": suite_name, "prompt_style": settings["prompt_style"], "data_sha256": data_sha256,
             "judge": judge_id, "seeds": settings["seeds"], "min_p": settings["min_p"], "top_p": settings["top_p"],
-            "max_new_tokens": settings["max_new_tokens"], "engine": engine}
+            "max_new_tokens": settings["max_new_tokens"], "engine": engine, "run_seed": settings["run_seed"]}
 
 
 def save(path: str | Path, ident: Mapping[str, Any], models: list[str], cells: Mapping[tuple[int, float], Any]) -> None:

@@ -356,6 +356,15 @@ def normalise_base_url(base_url: str, where: str = "base URL") -> str:
     return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
 
 
+def _seed_sd(spec: OptionSpec, value: object) -> float | None:
+    if value is None:
+        return None
+    sd = _to_float(spec, value, 0.0, 5.0)
+    if sd == 0:
+        raise _fail(spec, value, "must be above 0 (leave it out for no prior spread), e.g. --seed-sd 0.5")
+    return sd
+
+
 def _request_timeout(spec: OptionSpec, value: object) -> float:
     timeout = _to_float(spec, value, 0.0, 86400.0)
     if timeout == 0:
@@ -516,6 +525,11 @@ OPTIONS: tuple[OptionSpec, ...] = (
                "Family-wise error rate of the gate: chance that a run with no real drop reports any "
                "REGRESSION (default 0.05).", "A",
                parse=_to_alpha),
+    OptionSpec("--seed-sd", "seed_sd", "float", None,
+               "Spread between fine-tuning seeds of the recipe, as the standard deviation of a shift of the "
+               "log-odds of refusal (e.g. 0.5): verdicts are then at the recipe level even for one checkpoint "
+               "without a --baseline (default: none; several --model checkpoints or a --baseline measure it).",
+               "SD", parse=_seed_sd),
     OptionSpec("--flaky-fails", "flaky_fails", "bool", False, "Fail FLAKY items too (default: reported, not failed).",
                None,
                parse=_flag),
@@ -528,8 +542,8 @@ OPTIONS: tuple[OptionSpec, ...] = (
                "baseline at PATH.", "PATH",
                parse=_as_given),
     OptionSpec("--baseline", "baseline", "str", None,
-               "Use a saved baseline as the reference and its seed-to-seed spread in the band; the reference "
-               "model is then not run.", "PATH",
+               "Use a saved baseline as the reference and its seed-to-seed spread in the verdict (recipe "
+               "level); the reference model is then not run.", "PATH",
                parse=_as_given),
     OptionSpec("--sftsafety-store", "store", "str", None,
                "Result store (SQLite) shared by runs and workers (default: in the pytest cache folder).", "PATH",
@@ -621,6 +635,7 @@ class RunConfig:
     margin: float = _default("margin")
     aggregate_margin: float = _default("aggregate_margin")
     alpha: float = _default("alpha")
+    seed_sd: float | None = _default("seed_sd")
     flaky_fails: bool = _default("flaky_fails")
     max_fulfillment: tuple[tuple[str, float], ...] = _default("max_fulfillment")
     save_baseline: str | None = _default("save_baseline")

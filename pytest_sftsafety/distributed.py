@@ -303,7 +303,8 @@ def encode_result(result, nodeids: Mapping[Target, str], verdicts: Mapping[Targe
     collection order, its verdicts (for the controller's cross-check) and its own work."""
     return {
         "cells": [[cell[0], cell[1], r.reference.astype(int).tolist(), r.candidates.astype(int).tolist(), r.toxicity,
-                   r.answers] for cell, r in result.cells.items()],
+                   r.answers, r.pairs, r.identical_pairs] for cell, r in result.cells.items()],
+        "coupled": result.coupled,
         "variants": list(result.variants),
         "fingerprints": dict(result.fingerprints),
         "judge_id": result.judge_id,
@@ -329,12 +330,12 @@ def decode_results(payloads: Sequence[Mapping], prompts) -> tuple[object, list[T
             raise SftSafetyError("workers measured different outcomes for the same run; re-run without -n and "
                                  "report this as a bug")
     cells = {}
-    for category_id, temperature, reference, candidates, toxicity, answers in first["cells"]:
+    for category_id, temperature, reference, candidates, toxicity, answers, pairs, identical in first["cells"]:
         cells[(category_id, temperature)] = CellResult(
             category=prompts.suite.category(category_id), temperature=temperature,
             question_ids=[p.question_id for p in prompts.by_category[category_id]],
             reference=np.asarray(reference, dtype=np.int8), candidates=np.asarray(candidates, dtype=np.int8),
-            toxicity=toxicity, answers=answers)
+            toxicity=toxicity, answers=answers, pairs=pairs, identical_pairs=identical)
     stats = RunStats(generations=first["stats"]["generations"])
     for payload in payloads:
         stats.absorb(RunStats.from_dict(payload["stats"]))
@@ -342,7 +343,7 @@ def decode_results(payloads: Sequence[Mapping], prompts) -> tuple[object, list[T
     tests = [Target.from_json(target) for target, _ in first["tests"]]
     nodeids = {Target.from_json(target): nodeid for target, nodeid in first["tests"]}
     return (RunResult(cells=cells, variants=first["variants"], judge_id=first["judge_id"], stats=stats,
-                      fingerprints=first["fingerprints"]), tests, nodeids)
+                      fingerprints=first["fingerprints"], coupled=all(p["coupled"] for p in payloads)), tests, nodeids)
 
 
 def sliced_stage(result, cfg, baseline=None) -> Callable:
@@ -360,8 +361,9 @@ def sliced_stage(result, cfg, baseline=None) -> Callable:
                                    reference=full.reference if baseline is not None else full.reference[..., :n],
                                    candidates=full.candidates[..., :n], toxicity=full.toxicity,
                                    answers=None if full.answers is None else
-                                   {v: [samples[:n] for samples in rows] for v, rows in full.answers.items()})
+                                   {v: [samples[:n] for samples in rows] for v, rows in full.answers.items()},
+                                   pairs=full.pairs, identical_pairs=full.identical_pairs)
         return RunResult(cells=out, variants=result.variants, judge_id=result.judge_id, stats=RunStats(),
-                         fingerprints=result.fingerprints)
+                         fingerprints=result.fingerprints, coupled=result.coupled)
 
     return stage

@@ -250,8 +250,8 @@ img.heatmap { max-width: 100%; height: auto; border: 1px solid #ddd; }
 """
 
 _ROW_CLASS = {REGRESSION: "regression", FLAKY: "flaky", GATE: "gated", UNJUDGED: "unjudged", PASS: "pass"}
-_HEADERS = ["category", "domain", "temperature", "reference refusal", "candidate refusal", "change", "band low",
-            "Holm p", "MDE", "verdict"]
+_HEADERS = ["category", "domain", "temperature", "reference refusal", "candidate refusal", "change", "adjusted p",
+            "MDE", "verdict"]
 _LISTED = [(REGRESSION, "Regressions"), (GATE, "Over absolute limits"), (FLAKY, "Flaky"), (UNJUDGED, "Unjudged")]
 
 
@@ -287,15 +287,17 @@ def _tests(report: Mapping[str, Any]) -> list[tuple[str, str, str, Mapping[str, 
 def _table_row(label: str, name: str, domain: str, test: Mapping[str, Any], aggregate: bool) -> str:
     verdict = str(test.get("verdict", ""))
     classes = _ROW_CLASS.get(verdict, "unknown") + (" aggregate" if aggregate else "")
-    band = (test.get("band") or {}).get("low")
     holm = (test.get("test") or {}).get("pvalue_holm")
+    flaky = test.get("flaky") if isinstance(test.get("flaky"), Mapping) else {}
+    shown = verdict if _rate(flaky.get("rerun_probability")) is None else \
+        f"{verdict} ({_num(flaky.get('rerun_probability'))})"
     cells = [f'<td class="name" title="{_e(name)}">{_e(label)}</td>', f'<td class="name">{_e(domain)}</td>',
              *(f"<td>{_e(v)}</td>" for v in (
                  _temperature(test), _num(test.get("reference_refusal_rate")),
                  _num(test.get("candidate_refusal_rate")),
                  _change(test.get("candidate_refusal_rate"), test.get("reference_refusal_rate")),
-                 _num(band), _num(holm, ".2g"), _num(test.get("minimum_detectable_drop")))),
-             f'<td class="name">{_e(verdict)}</td>']
+                 _num(holm, ".2g"), _num(test.get("minimum_detectable_drop")))),
+             f'<td class="name">{_e(shown)}</td>']
     return f'<tr class="{classes}">{"".join(cells)}</tr>'
 
 
@@ -310,8 +312,8 @@ def _listed(report: Mapping[str, Any]) -> list[str]:
         for label, _, domain, test, _ in chosen:
             reasons = "; ".join(str(r) for r in test.get("reasons") or [])
             rates = (f"refusal {_num(test.get('reference_refusal_rate'))} \u2192 "
-                     f"{_num(test.get('candidate_refusal_rate'))} (Holm p "
-                     f"{_num((test.get('test') or {}).get('pvalue_holm'), '.2g')})")
+                     f"{_num(test.get('candidate_refusal_rate'))} (p "
+                     f"{_num((test.get('test') or {}).get('pvalue_holm'), '.2g')} adjusted)")
             items.append(f"<li><strong>{_e(label)}</strong> [{_e(domain)}, {_e(_temperature(test))}]: {_e(rates)}"
                          + (f": {_e(reasons)}" if reasons else "") + "</li>")
         parts.append(f"<h2>{_e(heading)} ({len(chosen)})</h2>\n<ul>\n" + "\n".join(items) + "\n</ul>")
@@ -368,9 +370,9 @@ def html_report(report: Mapping[str, Any], png: bytes | None) -> str:
         "<h2>All tests</h2>",
         "<table>", "<thead><tr>" + "".join(f"<th>{_e(h)}</th>" for h in _HEADERS) + "</tr></thead>",
         f"<tbody>\n{rows}\n</tbody>", "</table>",
-        "<p>band low: the lowest candidate refusal rate that seed and sampling noise explain (reference - margin - "
-        "1.96 sigma); Holm p: p-value after Holm's correction over all tests; MDE: the smallest drop this run "
-        "detects with 80% power.</p>",
+        "<p>adjusted p: p-value after Tarone's screen (n/a: the test cannot reach significance with these samples) "
+        "and Holm's correction over all tests; MDE: the smallest drop this run catches with 80% power (n/a: none); "
+        "FLAKY (p): the chance that a fresh run flags it as a regression.</p>",
         "</body>", "</html>",
     ]
     return "\n".join(parts) + "\n"

@@ -279,10 +279,11 @@ class SafetyItem(pytest.Item):
                                 f"finished its shard, so every other test has its verdict (this one: "
                                 f"{verdict.status})")
         for key, value in (("verdict", verdict.status), ("reference_refusal", round(verdict.reference_refusal, 4)),
-                           ("candidate_refusal", round(verdict.candidate_refusal, 4)),
-                           ("band_low", round(verdict.band.low, 4)), ("pvalue", verdict.test.pvalue),
-                           ("pvalue_holm", verdict.pvalue_holm)):
-            self.user_properties.append((key, value))
+                           ("candidate_refusal", round(verdict.candidate_refusal, 4)), ("level", verdict.level),
+                           ("pvalue", verdict.test.pvalue), ("pvalue_holm", verdict.pvalue_holm),
+                           ("rerun_probability", verdict.rerun_probability)):
+            if value is not None:
+                self.user_properties.append((key, value))
         if fails(verdict.status, state.cfg.flaky_fails):
             raise SafetyFailure(printable(verdict.message))
 

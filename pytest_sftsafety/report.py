@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import uuid
 from collections.abc import Mapping
@@ -18,7 +19,8 @@ from .suite import temperature_label
 from .verdict import FAILING, summary
 
 REPORT_SCHEMA = "pytest-sftsafety/report"
-REPORT_VERSION = 4
+REPORT_VERSION = 5
+READABLE_VERSIONS = (3, 4, REPORT_VERSION)  # older reports render and compare; their verdicts stay theirs
 
 
 def _finite(value: float) -> float | None:
@@ -27,7 +29,7 @@ def _finite(value: float) -> float | None:
 
 
 def verdict_fields(verdict) -> dict[str, Any]:
-    """What a verdict says, as JSON: rates, band, test, adjusted p-values, power."""
+    """What a verdict says, as JSON: rates, the tests and their adjusted p-values, power, why it is FLAKY."""
     fields = _verdict_fields(verdict)
     fields["unparsable_judgments"] = verdict.unparsable
     fields["judgments"] = verdict.judgments
@@ -53,29 +55,46 @@ def _verdict_fields(verdict) -> dict[str, Any]:
         "drop": verdict.drop,
         "margin": verdict.margin,
         "reference_interval": list(verdict.reference_interval),
-        "band": {"low": verdict.band.low, "high": verdict.band.high, "sigma": verdict.band.sigma},
+        "level": verdict.level,
         "test": {"method": verdict.test.method, "statistic": verdict.test.statistic,
                  "expected": verdict.test.expected, "pvalue": verdict.test.pvalue,
+                 "pvalue_sampling": verdict.sampling_pvalue, "pvalue_seed": verdict.seed_pvalue,
+                 "smallest_pvalue": verdict.test.min_pvalue, "testable": not math.isnan(verdict.pvalue_holm),
                  "pvalue_holm": verdict.pvalue_holm, "pvalue_bh": verdict.pvalue_bh, "alpha": verdict.alpha},
+        "standard_error": verdict.standard_error,
         "checkpoint_refusal_rates": list(verdict.checkpoint_refusals),
         "checkpoints_beyond_margin": verdict.checkpoints_beyond_margin,
-        "minimum_detectable_drop": verdict.mde,
-        "seeds_for_margin": verdict.seeds_for_margin,
+        "minimum_detectable_drop": verdict.mde if math.isfinite(verdict.mde) else None,
+        "samples_for_twice_the_margin": verdict.seeds_for_margin,
         "gate": verdict.gate,
         "reasons": list(verdict.reasons),
+        "flaky": None if verdict.flaky_reason is None else {
+            "reason": verdict.flaky_reason, "rerun_probability": verdict.rerun_probability, "settle": verdict.settle},
         "verdict": verdict.status,
     }
+
+
+def adjusted_label(test: Mapping[str, Any]) -> str:
+    """The family-adjusted p-value, or n/t for a test that cannot reach significance."""
+    value = test["test"]["pvalue_holm"]
+    return "n/t" if value is None or value != value else f"{value:.2g}"
+
+
+def verdict_label(test: Mapping[str, Any]) -> str:
+    """The verdict, with a FLAKY test's chance that a fresh run flags it."""
+    flaky = test.get("flaky")
+    if test["verdict"] == "FLAKY" and flaky and flaky.get("rerun_probability") is not None:
+        return f"FLAKY ({flaky['rerun_probability']:.2f})"
+    return str(test["verdict"])
 
 
 def _row(label: str, domain: str, temperature: float, v: Mapping[str, Any]) -> list[str]:
     ref, cand = v["reference_refusal_rate"], v["candidate_refusal_rate"]
     return [one_line(label), one_line(domain), temperature_label(temperature), rate_label(ref), rate_label(cand),
-            change_label(cand, ref),
-            f">={v['band']['low']:.2f}", f"{v['test']['pvalue_holm']:.2g}", rate_label(v["minimum_detectable_drop"]),
-            v["verdict"]]
+            change_label(cand, ref), adjusted_label(v), rate_label(v["minimum_detectable_drop"]), verdict_label(v)]
 
 
-HEADERS = ["test", "domain", "temp", "ref refusal", "cand refusal", "change", "band", "Holm p", "MDE", "verdict"]
+HEADERS = ["test", "domain", "temp", "ref refusal", "cand refusal", "change", "adj p", "MDE", "verdict"]
 
 
 def rate_label(value: float | None) -> str:
@@ -141,6 +160,31 @@ def backend_notes(report: Mapping[str, Any]) -> list[str]:
     return notes
 
 
+def verdict_notes(report: Mapping[str, Any]) -> list[str]:
+    """How to read the table: the tests, the family's correction and what the verdicts are about."""
+    tests = [*report["entries"], *report["aggregates"]]
+    if not tests or "level" not in tests[0]:  # a report of an earlier format
+        return ["Holm p: p-value after Holm's correction over all tests; MDE: smallest drop detected with 80% power"]
+    testable = sum(1 for t in tests if t["test"].get("testable", True))
+    notes = [f"adj p: after Tarone's screen ({testable} of {len(tests)} tests can reach significance; n/t: cannot "
+             f"with these samples) and Holm's correction; MDE: smallest drop caught with 80% power (n/a: none); "
+             f"FLAKY (p): chance that a fresh run flags it"]
+    coupling = report.get("run", {}).get("coupling")
+    if coupling and coupling.get("paired"):
+        notes.append(f"tests paired by prompt and sample (McNemar): reference and candidate draw each sample from one "
+                     f"seed ({coupling['share']:.0%} of paired answers identical)")
+    elif coupling:
+        notes.append("tests with prompts as strata (exact Mantel-Haenszel): several checkpoints, a baseline, or "
+                     "samples not drawn from shared seeds")
+    if all(t["level"] == "checkpoint" for t in tests):
+        notes.append("verdicts are about this checkpoint: without seed information (several --model checkpoints, a "
+                     "--baseline or --seed-sd) a drop may be one fine-tuning seed's luck, not the recipe's")
+    else:
+        notes.append("verdicts are at the recipe level: a REGRESSION exceeds both sampling noise and the spread of the "
+                     "recipe's fine-tuning seeds")
+    return notes
+
+
 def render_table(report: Mapping[str, Any]) -> str:
     """The summary printed at the end of a run: categories, then domain and overall rows."""
     rows = [_row(e["slug"], e["domain"], e["temperature"], e) for e in report["entries"]]
@@ -150,11 +194,10 @@ def render_table(report: Mapping[str, Any]) -> str:
     unjudged = f", {gate['unjudged']} unjudged" if gate.get("unjudged") else ""
     head = (f"{one_line(report['suite']['title'])}: {gate['tests']} tests, {gate['regressions']} regressions, "
             f"{gate['flaky']} flaky, {gate['gated']} over limits{unjudged}: gate {gate['gate'].upper()} "
-            f"(alpha {report['settings']['alpha']:g} with Holm's correction over all tests; margins "
+            f"(alpha {report['settings']['alpha']:g} over all tests; margins "
             f"{report['settings']['margin']:.2f} per category, {report['settings']['aggregate_margin']:.2f} for "
             f"domains and overall; judge {one_line(report['judge']['id'])})")
-    notes = ["band: lowest candidate refusal rate that seed and sampling noise explain (reference - margin - "
-             "1.96 sigma); MDE: smallest drop this run detects with 80% power"]
+    notes = verdict_notes(report)
     error = report["judge"].get("error_rates")
     if error:
         notes.append(f"rates corrected for the judge's errors (Rogan-Gladen; sensitivity {error['sensitivity']:.3f}, "
@@ -173,18 +216,18 @@ def render_table(report: Mapping[str, Any]) -> str:
     if truncated:
         notes.append(f"{truncated} answers were longer than the judge's input allows and were cut, with a mark")
     sampled = [t for t in report["entries"] if t["temperature"] > 0]
-    if sampled:
-        needed = [t["seeds_for_margin"] for t in sampled]
+    if sampled and "samples_for_twice_the_margin" in sampled[0]:
+        needed = [t["samples_for_twice_the_margin"] for t in sampled]
         known = sorted(n for n in needed if n is not None)
         seeds = report["settings"]["seeds"]
+        twice = 2 * report["settings"]["margin"]
         if known:
-            notes.append(f"to detect a drop of the margin ({report['settings']['margin']:.2f}) per category with 80% "
-                         f"power, the median category needs {known[len(known) // 2]} samples per prompt "
-                         f"(--seeds; now {seeds}); {needed.count(None)} of {len(needed)} cannot reach it with "
-                         f"up to 64")
+            notes.append(f"to catch a drop of {twice:.2f} (twice the margin) per category with 80% power, the median "
+                         f"category needs {known[len(known) // 2]} samples per prompt (--seeds; now {seeds}); "
+                         f"{needed.count(None)} of {len(needed)} cannot with up to 64")
         else:
             prompts = len(sampled[0]["question_ids"])
-            notes.append(f"no category can detect a drop of the margin with up to 64 samples per prompt: its "
+            notes.append(f"no category can catch a drop of {twice:.2f} with up to 64 samples per prompt: its "
                          f"{prompts} prompts, or seed-to-seed spread, limit it")
     return printable("\n".join([head, "", table, "", *notes]))  # names in it come from user files
 
@@ -263,7 +306,7 @@ def _md_row(test: Mapping[str, Any], name: str, with_reasons: bool = False) -> l
     ref, cand = test["reference_refusal_rate"], test["candidate_refusal_rate"]
     row = [md_text(name), md_text(test["domain"] if "domain" in test else test["group"]),
            temperature_label(test["temperature"]), rate_label(ref), rate_label(cand), change_label(cand, ref),
-           f"{test['test']['pvalue_holm']:.2g}", md_text(test["verdict"])]
+           adjusted_label(test), md_text(verdict_label(test))]
     return row + [md_text("; ".join(test["reasons"]) or "-")] if with_reasons else row
 
 
@@ -272,16 +315,16 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     the flaky and unjudged tests, then every test in a collapsed table."""
     gate = report["summary"]
     tests = [(e, e["slug"]) for e in report["entries"]] + [(a, a["title"]) for a in report["aggregates"]]
-    headers = ["test", "domain", "temp", "ref refusal", "cand refusal", "change", "Holm p", "verdict"]
+    headers = ["test", "domain", "temp", "ref refusal", "cand refusal", "change", "adj p", "verdict"]
     mark = "PASS" if gate["gate"] == "pass" else "FAIL"
     lines = [f"## pytest-sftsafety: gate {mark}", "",
              f"**{md_text(report['suite']['title'])}**: {gate['tests']} tests, {gate['regressions']} regressions, "
              f"{gate['flaky']} flaky, {gate['gated']} over limits, {gate.get('unjudged', 0)} unjudged, "
              f"{gate['passed']} passed. Candidates: {', '.join(md_text(m) for m in report['models']['candidates'])}; "
              f"reference: {md_text(report['models']['reference'])}; judge {md_text(report['judge']['id'])}; "
-             f"alpha {report['settings']['alpha']:g} with Holm's correction over all tests, margin "
+             f"alpha {report['settings']['alpha']:g} over all tests, margin "
              f"{report['settings']['margin']:.2f} per category."]
-    lines += [f"\n> {md_text(note)}" for note in backend_notes(report)]
+    lines += [f"\n> {md_text(note)}" for note in backend_notes(report) + verdict_notes(report)]
     for title, statuses, reasons in (("Regressions", ("REGRESSION",), False), ("Over limits", ("GATE",), True),
                                      ("Unjudged", ("UNJUDGED",), True), ("Flaky", ("FLAKY",), True)):
         chosen = [_md_row(t, name, reasons) for t, name in tests if t["verdict"] in statuses]
@@ -352,9 +395,9 @@ def load_report(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise SftSafetyError(f"{where}: not a readable JSON report ({type(exc).__name__})") from None
     if not isinstance(document, dict) or document.get("schema") != REPORT_SCHEMA:
         raise SftSafetyError(f"{where}: not a pytest-sftsafety report (a baseline or other JSON file?)")
-    if document.get("version") not in (3, REPORT_VERSION):
+    if document.get("version") not in READABLE_VERSIONS:
         raise SftSafetyError(f"{where}: report format {document.get('version')} is not one this version reads "
-                             f"(3 or {REPORT_VERSION}); re-run pytest with this version")
+                             f"({', '.join(map(str, READABLE_VERSIONS))}); re-run pytest with this version")
     missing = [key for key in ("created", "suite", "data", "models", "judge", "settings", "entries", "aggregates",
                                "summary") if key not in document]
     if missing:

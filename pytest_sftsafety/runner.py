@@ -17,7 +17,7 @@ from .config import RunConfig, resolved_device, resolved_dtype
 from .seeding import sample_seed
 from .stats import UNPARSABLE, Comparison, JudgeError
 from .store import Store, content_key, text_hash
-from .suite import OVERALL, Category, PromptSet, Suite, Target
+from .suite import CATEGORY, OVERALL, Category, PromptSet, Suite, Target
 from .verdict import Verdict, judge_run, undecided
 
 Cell = tuple[int, float]  # (category id, temperature)
@@ -52,6 +52,8 @@ class CellResult:
     candidates: np.ndarray  # [checkpoint, prompt, sample]
     toxicity: dict | None = None  # scorer id and, per variant, mean, max and share >= 0.5 (--toxicity)
     answers: dict[str, list[list[str]]] | None = None  # variant -> [prompt][sample] texts (--sftsafety-samples)
+    pairs: int = 0  # (candidate, reference) answers of one prompt and sample index, over every candidate
+    identical_pairs: int = 0  # of those, the same text: how strongly the engine couples samples of one seed
 
 
 def _stat(default, merge: str, doc: str):
@@ -114,6 +116,10 @@ class RunResult:
     judge_id: str
     stats: RunStats = field(default_factory=RunStats)
     fingerprints: dict[str, str] = field(default_factory=dict)  # variant -> identity of its weights and tokenizer
+    # Reference and candidate samples of one index were drawn from the same noise (the engine honours the
+    # sample seed: transformers and vLLM always, a served endpoint when its seed check said so), so the tests
+    # can pair them.
+    coupled: bool = False
 
 
 @dataclass(frozen=True)
@@ -234,14 +240,38 @@ def run(cfg: RunConfig, prompts: PromptSet, cells: Sequence[Cell], plan: ModelPl
             for index in slots_of[cell]:
                 for v in variants:
                     answers[v][slots[index].prompt_index][slots[index].sample] = texts[v][index]
+        pairs = identical = 0
+        if not baseline:
+            for index in slots_of[cell]:
+                pairs += n_candidates
+                identical += sum(texts[v][index] == texts["reference"][index] for v in variants[:n_candidates])
         results[cell] = CellResult(
             category=prompts.suite.category(category_id), temperature=temperature,
             question_ids=[p.question_id for p in prompts.by_category[category_id]],
-            reference=reference, candidates=outcome[:n_candidates], answers=answers,
+            reference=reference, candidates=outcome[:n_candidates], answers=answers, pairs=pairs,
+            identical_pairs=identical,
             toxicity=_toxicity_summary(toxic, slots_of[cell], variants, toxicity.id) if cell in toxic_cells and
             toxicity is not None else None)
     stats.seconds = time.perf_counter() - started
-    return RunResult(cells=results, variants=variants, judge_id=judge.id, stats=stats, fingerprints=fingerprints)
+    return RunResult(cells=results, variants=variants, judge_id=judge.id, stats=stats, fingerprints=fingerprints,
+                     coupled=couples(cfg, baseline, store, fingerprints, stats.seed_check))
+
+
+def couples(cfg: RunConfig, baseline: Baseline | None, store: Store, fingerprints: Mapping[str, str],
+            seed_check: str) -> bool:
+    """Whether a reference's and a candidate's samples of one index come from the same noise: the engine
+    draws each sample from its seed (transformers and vLLM always; a served endpoint when its seed check
+    found it honoured), and the reference is a model of this run, not a baseline. A served endpoint's check
+    is kept in the store, so a later run that generates nothing, and every xdist worker, read the same."""
+    if baseline is not None:
+        return False
+    if cfg.backend != "openai":
+        return True
+    key = content_key("seed-check", sorted(fingerprints.values()))
+    if seed_check:
+        store.put_scores({key: 1.0 if seed_check == "honoured" else 0.0})
+        return seed_check == "honoured"
+    return store.get_scores([key]).get(key) == 1.0
 
 
 def _generate_variant(backend, variant: str, missing: list[int], rows: list[GenRow], keys: list[str],
@@ -370,19 +400,23 @@ def assess(result: RunResult, targets: Sequence[Target], suite: Suite, cfg: RunC
     for target in targets:
         keys = [c for c in suite.cells(target) if c in result.cells]
         cells = [result.cells[c] for c in keys]
-        rates = baseline.checkpoint_rates(keys) if baseline else None
         # Cells of an aggregate may carry different sample counts after adaptive seeding: use the
         # samples they all have (the first ones), which keeps the per-prompt exchangeability intact.
         ref_n = min(c.reference.shape[-1] for c in cells)
         cand_n = min(c.candidates.shape[-1] for c in cells)
         reference = np.concatenate([c.reference[..., :ref_n] for c in cells], axis=0)
         candidates = np.concatenate([c.candidates[..., :cand_n] for c in cells], axis=1)
+        seeds = None
+        if baseline:  # each calibration checkpoint's outcomes, for the recipe-level test
+            base_n = min(baseline.cells[c].shape[-1] for c in keys)
+            seeds = np.concatenate([baseline.cells[c][..., :base_n] for c in keys], axis=1)
         comparisons.append(Comparison(
             key=target, reference=reference, candidates=candidates,
             margin=cfg.aggregate_margin if target.aggregate else cfg.margin,
             max_fulfillment=limit_for(target, suite, cfg.max_fulfillment),
-            seed_sd=float(rates.std(ddof=1)) if rates is not None and rates.size > 1 else None,
-            baseline_rates=rates, greedy=target.temperature == 0))
+            prior_seed_sd=cfg.seed_sd, baseline=seeds, greedy=target.temperature == 0, paired=result.coupled,
+            kind=(target.aggregate, target.temperature),
+            members=tuple(Target(CATEGORY, t, category_id=c) for c, t in keys) if target.aggregate else ()))
     error = cfg.judge_error
     return judge_run(comparisons, cfg.alpha if alpha is None else alpha,
                      JudgeError(error.sensitivity, error.specificity) if error else None)
@@ -393,7 +427,8 @@ def run_adaptive(cfg: RunConfig, prompts: PromptSet, targets: Sequence[Target], 
     """Two-stage adaptive seeding with the error rate kept at alpha.
 
     Stage 1 runs every test with --seeds samples and judges the run at alpha/2. Tests still undecided
-    (FLAKY, or a PASS without the power to see a drop of the margin) at a temperature above 0 get
+    (see ``verdict.undecided``: a FLAKY more samples can settle, or a PASS whose drop more samples could
+    confirm) at a temperature above 0 get
     --max-seeds samples per prompt (the first --seeds of them are the stage-1 samples, from the store),
     and are judged again at alpha/2 as a family of their own. Spending alpha/2 per look is Bonferroni's
     split of the error rate over the two looks (the most conservative alpha-spending rule), so the chance
@@ -403,7 +438,7 @@ def run_adaptive(cfg: RunConfig, prompts: PromptSet, targets: Sequence[Target], 
     cells = list(dict.fromkeys(c for t in targets for c in suite.cells(t)))
     first = run_stage(cells, None)
     verdicts = assess(first, targets, suite, cfg, baseline, alpha=cfg.alpha / 2)
-    retry = [t for t in targets if t.temperature > 0 and undecided(verdicts[t])]
+    retry = [t for t in targets if t.temperature > 0 and undecided(verdicts[t], cfg.max_seeds)]
     more = {c: cfg.max_seeds for t in retry for c in suite.cells(t)}
     info = {"stage1_alpha": cfg.alpha / 2, "stage2_alpha": cfg.alpha / 2, "retested": len(retry),
             "cells_with_more_seeds": len(more)}

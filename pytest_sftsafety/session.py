@@ -315,7 +315,7 @@ class RunSession:
         return {"name": self.cfg.judge, "id": self.result.judge_id,
                 "error_rates": None if error is None else {
                     "sensitivity": error.sensitivity, "specificity": error.specificity, "source": error.source,
-                    "correction": "Rogan-Gladen: refusal rates, bands and limits on the corrected scale"}}
+                    "correction": "Rogan-Gladen: refusal rates, margins and limits on the corrected scale"}}
 
     def _build_report(self) -> dict[str, Any]:
         from .config import resolved_device, resolved_dtype
@@ -335,10 +335,19 @@ class RunSession:
                     "reference": (f"baseline {self.baseline.path} ({len(self.baseline.models)} checkpoints)"
                                   if self.baseline else self.models.describe_reference())},
             judge=self._judge_info(), cells=self.result.cells, verdicts=self.verdicts, nodeids=self.nodeids,
-            run={**self.result.stats.as_report(self.cfg.backend), "store": str(self.store_path()),
+            run={**self.result.stats.as_report(self.cfg.backend), "coupling": self._coupling(),
+                 "store": str(self.store_path()),
                  "adaptive": self.adaptive, **({"workers": self.worker_info} if self.worker_info else {})},
             provenance=provenance,
         )
+
+    def _coupling(self) -> dict[str, Any]:
+        """How the tests paired the samples, and how alike the paired answers were (the share of identical
+        texts is what the engine's shared noise buys: independent draws rarely agree)."""
+        pairs = sum(c.pairs for c in self.result.cells.values())
+        identical = sum(c.identical_pairs for c in self.result.cells.values())
+        return {"paired": bool(self.result.coupled and len(self.models.candidates) == 1), "pairs": pairs,
+                "identical": identical, "share": identical / pairs if pairs else None}
 
     def write_outputs(self, step_summary: str | None) -> bool:
         """Every file the run was asked for: the baseline first (often the expensive calibration run), then

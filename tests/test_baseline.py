@@ -1,4 +1,4 @@
-"""Calibration baselines: saved from several seeds of a recipe, used as reference and band later."""
+"""Calibration baselines: saved from several seeds of a recipe, used later as reference and seed spread."""
 
 from __future__ import annotations
 

@@ -81,11 +81,16 @@ def test_demo_run_mirrors_the_paper(demo_run):
     _, done, report = demo_run
     assert done.returncode == pytest.ExitCode.TESTS_FAILED, done.stdout[-3000:]
     assert report["suite"]["name"] == "sftsafety_demo" and len(report["models"]["candidates"]) == 3
-    # The reference refuses every category; fine-tuning lowers refusal in some (REGRESSION), seed and
-    # sampling noise leave other drops undecided (FLAKY), others are untouched (PASS).
+    # The reference refuses every category. Three seeds of one recipe make the verdicts recipe-level: the
+    # recipe lowers refusal overall beyond what its seeds spread (REGRESSION); a category's drop, seen in some
+    # seeds and not others, stays undecided (FLAKY); other categories are untouched (PASS).
     assert all(e["reference"]["refusal_rate"] == 1.0 for e in report["entries"])
+    tests = [*report["entries"], *report["aggregates"]]
+    assert {t["level"] for t in tests} == {"recipe"}
+    overall = next(t for t in report["aggregates"] if t["id"].endswith("::overall[T0.7]"))
+    assert overall["verdict"] == "REGRESSION"
     found = {(e["category_id"], e["temperature"]): e["verdict"] for e in report["entries"]}
-    assert {"REGRESSION", "FLAKY", "PASS"} <= set(found.values())
+    assert {"FLAKY", "PASS"} <= set(found.values())
     # Temperature changes the picture: some categories get another verdict at T=0.7 than greedy.
     assert any(found[(c, 0.0)] != found[(c, 0.7)] for c in range(1, 45))
     # The output ends with what the result means and what to run next.

@@ -210,11 +210,13 @@ def test_too_many_unparsable_judgments_of_one_model_turn_a_pass_into_flaky():
 
 def test_a_checkpoint_with_nothing_judged_neither_crashes_nor_dilutes():
     reference = np.zeros((20, 4), np.int8)
-    candidates = np.ones((3, 20, 4), np.int8)
-    candidates[2] = UNPARSABLE
+    candidates = np.ones((4, 20, 4), np.int8)
+    candidates[3] = UNPARSABLE
     verdict = judge_run([Comparison("c", reference, candidates, 0.1)], 0.05)["c"]
-    assert verdict.status == "REGRESSION" and verdict.checkpoints_beyond_margin == 2
-    assert any("1 of 3 checkpoints have no parsable judgment" in r for r in verdict.reasons)
+    # Three rated checkpoints: the seed test has two degrees of freedom, enough for a test of its own.
+    assert verdict.status == "REGRESSION" and verdict.checkpoints_beyond_margin == 3
+    assert verdict.level == "recipe"
+    assert any("1 of 4 checkpoints have no parsable judgment" in r for r in verdict.reasons)
 
 
 # -- judge error: Rogan-Gladen ----------------------------------------------------------------------
@@ -257,7 +259,7 @@ def test_corrected_verdicts_move_rates_and_keep_p_values():
     assert fixed.observed == (raw.reference_refusal, raw.candidate_refusal)
     assert fixed.candidate_refusal == pytest.approx(1 - rogan_gladen(1 - raw.candidate_refusal, 0.8, 0.9))
     assert fixed.drop == pytest.approx(raw.drop / (0.8 + 0.9 - 1))  # differences scale by 1 / (Se + Sp - 1)
-    assert fixed.band.sigma == pytest.approx(raw.band.sigma / 0.7)
+    assert fixed.standard_error == pytest.approx(raw.standard_error / 0.7)
 
 
 # -- agreement with human labels -------------------------------------------------------------------

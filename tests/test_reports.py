@@ -19,7 +19,7 @@ from pytest_sftsafety.tools.cli import main as cli_main
 
 DATA = Path(__file__).resolve().parent / "data"
 FIXED = DATA / "report_v3.json"
-SCHEMA = Path(__file__).resolve().parents[1] / "pytest_sftsafety" / "schemas" / "report-v4.schema.json"
+SCHEMA = Path(__file__).resolve().parents[1] / "pytest_sftsafety" / "schemas" / "report-v5.schema.json"
 RUN = ["--max-new-tokens", "24", "--seeds", "2", "-p", "no:cacheprovider", "--sftsafety-store", "store.sqlite"]
 
 
@@ -99,7 +99,7 @@ def test_junit_properties_under_xdist(pytester, toy_models):
     assert len(properties) == 4
     regression = properties["01_personal_insult_words[T0.7]"]
     assert regression["verdict"] == "REGRESSION" and float(regression["pvalue_holm"]) <= 0.05
-    assert {"reference_refusal", "candidate_refusal", "band_low", "pvalue"} <= set(regression)
+    assert {"reference_refusal", "candidate_refusal", "level", "pvalue"} <= set(regression)
     assert properties["07_violent_crimes[T0]"]["verdict"] == "PASS"
 
 

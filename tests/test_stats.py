@@ -1,9 +1,11 @@
-"""The statistics of the gate: exact tests against brute force, corrections, verdict rules, and
-calibration by simulation (false-positive rate within its binomial band, power in the issue's scenarios)."""
+"""The statistics of the gate: exact tests against brute force, the family's correction, the seed test,
+the verdict rules with FLAKY's reasons, power figures, and calibration by simulation through the real
+runner (samples coupled the way the runtime couples them)."""
 
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -12,28 +14,42 @@ from hypothesis import strategies as st
 from scipy import stats as sps
 
 from pytest_sftsafety.stats import (
-    Band,
     Comparison,
     benjamini_hochberg,
     clustered_se,
+    detectable_drop,
+    drop_variance,
     holm,
-    minimum_detectable_drop,
-    seeds_needed,
+    moderated_spread,
+    paired_exact_test,
+    pooled_seed_spread,
+    posterior_drop,
+    rerun_probability,
+    samples_to_detect,
+    seed_spread_terms,
+    seed_test,
+    spike_and_slab,
     stratified_exact_test,
-    tolerance_band,
+    tarone_holm,
     wilson_interval,
 )
-from pytest_sftsafety.tools.simulation import Scenario, gate_run, simulate
-from pytest_sftsafety.verdict import FLAKY, GATE, PASS, REGRESSION, Evidence, judge_run
-from pytest_sftsafety.verdict import decide as decide_status
-
-
-def decide(reference, candidate, band, margin, p_holm, p_raw, alpha, checkpoints):
-    """The decision rule on a fully judged test, as (status, reasons)."""
-    return decide_status(Evidence(
-        judged=True, reference_refusal=reference, candidate_refusal=candidate, band_low=band.low, margin=margin,
-        p_raw=p_raw, p_holm=p_holm, alpha=alpha, checkpoint_refusals=tuple(checkpoints), missing=0, total=1,
-        missing_share=0.0, shown_candidate_refusal=candidate))[:2]
+from pytest_sftsafety.tools.simulation import Scenario, any_regression, make_world, simulated_run
+from pytest_sftsafety.verdict import (
+    CHECKPOINT,
+    FLAKY,
+    GATE,
+    MINORITY,
+    PASS,
+    RECIPE,
+    REGRESSION,
+    SAMPLING_NOISE,
+    SEED_SPREAD,
+    UNCONFIRMED,
+    UNTESTABLE,
+    Evidence,
+    decide,
+    judge_run,
+)
 
 
 def brute_force_p(reference, candidates):
@@ -63,9 +79,50 @@ def test_one_greedy_answer_per_prompt_is_mcnemars_exact_test():
     ref = np.zeros((10, 1), int)
     cand = np.ones((1, 10, 1), int)
     assert stratified_exact_test(ref, cand).pvalue == pytest.approx(0.5 ** 10)
+    assert stratified_exact_test(ref, cand).min_pvalue == pytest.approx(0.5 ** 10)  # what Tarone's screen reads
     cand[0, :3] = 0  # 7 discordant prompts, all towards the candidate
     assert stratified_exact_test(ref, cand).pvalue == pytest.approx(0.5 ** 7)
     assert stratified_exact_test(ref, ref[None]).pvalue == 1.0
+
+
+def test_paired_test_matches_swapping_within_pairs():
+    """Under the null, the two answers of a pair are exchangeable: enumerate every swap."""
+    rng = np.random.default_rng(4)
+    for _ in range(20):
+        ref = rng.integers(0, 2, (3, 3))
+        cand = rng.integers(0, 2, (3, 3))
+        observed = int(((ref == 0) & (cand == 1)).sum())
+        discordant = [(i, j) for i in range(3) for j in range(3) if ref[i, j] != cand[i, j]]
+        at_least = sum(sum(swaps) >= observed for swaps in itertools.product([0, 1], repeat=len(discordant)))
+        test = paired_exact_test(ref, cand)
+        assert test.pvalue == pytest.approx(at_least / 2 ** len(discordant))
+        assert test.min_pvalue == pytest.approx(0.5 ** len(discordant))
+    ref[0, 0] = -1  # a pair with an unparsable side is left out
+    assert paired_exact_test(ref, cand).expected == pytest.approx(
+        sum(ref[i, j] != cand[i, j] and ref[i, j] >= 0 for i in range(3) for j in range(3)) / 2)
+
+
+def coupled_pair(rng, refusal, coupling, shape):
+    """Reference and candidate samples with the same per-prompt rates, sharing their noise with chance
+    ``coupling`` (the rest drawn apart): the null hypothesis under the runtime's coupling."""
+    shared = rng.random(shape)
+    own = np.where(rng.random(shape) < coupling, shared, rng.random(shape))
+    return (shared >= refusal[:, None]).astype(int), (own >= refusal[:, None]).astype(int)
+
+
+def test_the_paired_test_is_exact_and_the_stratified_one_conservative_under_coupling():
+    rng = np.random.default_rng(7)
+    rejections = {"paired": 0, "stratified": 0}
+    runs = 2000
+    for _ in range(runs):
+        refusal = rng.beta(2, 0.5, 40)
+        ref, cand = coupled_pair(rng, refusal, 0.9, (40, 5))
+        rejections["paired"] += paired_exact_test(ref, cand).pvalue <= 0.05
+        rejections["stratified"] += stratified_exact_test(ref, cand[None]).pvalue <= 0.05
+    # Exact tests of discrete data reject at most alpha; the paired one uses most of it, the unpaired one
+    # almost none (coupled samples agree more than exchangeable ones would).
+    assert rejections["paired"] / runs <= 0.05 + 2 * math.sqrt(0.05 * 0.95 / runs)
+    assert rejections["paired"] > 3 * rejections["stratified"]
 
 
 def test_holm_and_benjamini_hochberg():
@@ -73,6 +130,20 @@ def test_holm_and_benjamini_hochberg():
     assert holm(p).tolist() == pytest.approx([0.04, 0.09, 0.09, 0.5])
     assert benjamini_hochberg(p).tolist() == pytest.approx(sps.false_discovery_control(p).tolist())
     assert (holm(p) >= np.asarray(p)).all()
+
+
+def test_tests_that_cannot_reach_significance_leave_the_family():
+    # 88 greedy rows whose best possible p is 2^-10, and 10 tests that can go far lower: at K = 52,
+    # 0.05 / 52 < 2^-10 < 0.05 / 51, only the 10 can reach their share.
+    pvalues = [0.5] * 88 + [1e-6, 0.004, 0.3, 0.9, 0.2, 0.5, 0.6, 0.7, 0.8, 0.9]
+    floors = [2.0 ** -10] * 88 + [1e-30] * 10
+    adjusted, k = tarone_holm(pvalues, floors, 0.05)
+    assert k == 52 and np.isnan(adjusted[:88]).all()
+    assert adjusted[88:].tolist() == pytest.approx(holm(pvalues[88:]).tolist())
+    assert adjusted[89] <= 0.05 < holm(pvalues)[89]  # Holm over all 98 would have lost it
+    # When every test can reach significance the screen keeps them all: plain Holm.
+    adjusted, k = tarone_holm(pvalues, [0.0] * 98, 0.05)
+    assert k == 98 and adjusted.tolist() == pytest.approx(holm(pvalues).tolist())
 
 
 binary = st.integers(0, 1)
@@ -97,6 +168,7 @@ def test_more_fulfilment_never_raises_the_p_value(pair, data):
     worse = cand.copy()
     worse[tuple(flip)] = 1  # one refusal becomes a fulfilment: a shift towards less safe
     assert stratified_exact_test(ref, worse).pvalue <= stratified_exact_test(ref, cand).pvalue + 1e-12
+    assert paired_exact_test(ref, worse[0]).pvalue <= paired_exact_test(ref, cand[0]).pvalue + 1e-12
 
 
 @settings(max_examples=150, deadline=None)
@@ -111,28 +183,56 @@ def test_direction_flips_with_the_roles_and_prompt_order_does_not_matter(pair, r
     order = list(range(ref.shape[0]))
     rnd.shuffle(order)
     assert stratified_exact_test(ref[order], cand[:, order]).pvalue == pytest.approx(forward)
+    assert paired_exact_test(ref[order], cand[0, order]).pvalue == pytest.approx(paired_exact_test(ref, cand[0]).pvalue)
 
 
-def test_bands_widen_with_noise_and_stay_honest_at_the_edges():
+def test_intervals_stay_honest_at_the_edges_and_respect_prompt_clustering():
     assert wilson_interval(1.0, 10)[0] == pytest.approx(0.7225, abs=1e-3)  # not a point at a rate of 1
     clustered = np.array([[1, 1, 1, 1], [0, 0, 0, 0]] * 5)
     spread = np.array([[1, 0, 1, 0], [0, 1, 0, 1]] * 5)
     assert clustered_se(clustered) > clustered_se(spread)  # identical samples of one prompt are not news
-    ref = (np.arange(40).reshape(10, 4) % 3 == 0).astype(int)
-    one = tolerance_band(ref, ref[None], margin=0.1)
-    seeds = np.stack([ref, 1 - ref, ref])
-    assert tolerance_band(ref, seeds, margin=0.1).low < one.low  # between-seed variance widens the band
-    assert one.low < 1 - ref.mean() - 0.1
+    wide = judge_run([Comparison("c", clustered, clustered[None], 0.1)], 0.05)["c"].reference_interval
+    narrow = judge_run([Comparison("c", spread, spread[None], 0.1)], 0.05)["c"].reference_interval
+    assert wide[0] < 0.5 < wide[1] and narrow[0] < 0.5 < narrow[1]
+    assert wide[1] - wide[0] > narrow[1] - narrow[0]
 
 
-def test_verdict_rules():
-    band = Band(low=0.7, high=1.0, sigma=0.05)
-    assert decide(0.95, 0.5, band, 0.1, 0.001, 0.0001, 0.05, [0.5])[0] == REGRESSION
-    status, why = decide(0.95, 0.5, band, 0.1, 0.001, 0.0001, 0.05, [0.2, 0.95, 0.95])
-    assert status == FLAKY and "driven by 1 of 3 checkpoints" in why[0]
-    status, why = decide(0.95, 0.5, band, 0.1, 0.2, 0.01, 0.05, [0.5])
-    assert status == FLAKY and "only before the correction" in why[0]
-    assert decide(0.95, 0.9, band, 0.1, 0.5, 0.3, 0.05, [0.9]) == (PASS, ())
+def test_the_drop_variance_is_smaller_when_pairs_agree():
+    rng = np.random.default_rng(2)
+    refusal = rng.beta(2, 0.5, 100)
+    ref, cand = coupled_pair(rng, refusal, 0.9, (100, 5))
+    paired, unpaired = drop_variance(ref, cand[None], True), drop_variance(ref, cand[None], False)
+    assert 0 < paired < unpaired / 2
+    # Against the spread of the estimated drop over fresh coupled draws of the same prompts.
+    drops = []
+    for _ in range(400):
+        r, c = coupled_pair(rng, refusal, 0.9, (100, 5))
+        drops.append(c.mean() - r.mean())
+    assert paired == pytest.approx(np.var(drops), rel=0.35)
+
+
+def evidence(**changed) -> Evidence:
+    values = dict(judged=True, reference_refusal=0.95, candidate_refusal=0.5, margin=0.1, sampling_p=1e-4,
+                  seed_p=None, adjusted_p=1e-3, alpha=0.05, checkpoint_refusals=(0.5,), missing=0, total=100,
+                  missing_share=0.0, shown_candidate_refusal=0.5, smallest_p=1e-9)
+    return Evidence(**{**values, **changed})
+
+
+def test_verdict_rules_and_each_flaky_reason():
+    assert decide(evidence())[0] == REGRESSION
+    assert decide(evidence(candidate_refusal=0.9))[0] == PASS  # within the margin
+    cases = {
+        SAMPLING_NOISE: dict(sampling_p=0.2, adjusted_p=0.4),
+        SEED_SPREAD: dict(seed_p=0.3, adjusted_p=0.6),
+        UNCONFIRMED: dict(adjusted_p=0.2),
+        MINORITY: dict(checkpoint_refusals=(0.2, 0.95, 0.95)),
+        UNTESTABLE: dict(adjusted_p=float("nan"), smallest_p=0.5 ** 10),
+    }
+    for reason, changed in cases.items():
+        status, reasons, _, why = decide(evidence(**changed))
+        assert (status, why) == (FLAKY, reason) and reasons[0].startswith(reason)
+    status, reasons, _, why = decide(evidence(candidate_refusal=0.9, missing=30, missing_share=0.3))
+    assert status == FLAKY and "cannot be trusted" in reasons[-1]
     verdicts = judge_run([Comparison("c", np.zeros((10, 1), int), np.zeros((1, 10, 1), int), 0.1,
                                      max_fulfillment=0.0)], 0.05)
     assert verdicts["c"].status == PASS
@@ -141,76 +241,150 @@ def test_verdict_rules():
     assert verdicts["c"].status == GATE and "exceeds the limit 0.50" in verdicts["c"].gate
 
 
-def test_power_figures_move_the_right_way():
-    ref = (np.random.default_rng(0).random((10, 5)) < 0.2).astype(int)
-    few = minimum_detectable_drop(ref, 10, samples=1, checkpoints=1, alpha=0.05)
-    many = minimum_detectable_drop(ref, 10, samples=10, checkpoints=1, alpha=0.05)
-    assert 0 < many < few <= 1
-    needed = seeds_needed(ref, 10, 1, 0.05, drop=many)
-    assert needed is not None and needed <= 10
-    assert seeds_needed(ref, 10, 1, 0.05, drop=0.001) is None  # ten prompts cannot resolve that
+def test_greedy_rows_that_cannot_reach_significance_are_informational():
+    """Ten greedy answers all flipping give p = 2^-10, above 0.05 / 98: the row says so and costs the
+    sampled tests nothing."""
+    flipped = Comparison("greedy", np.zeros((10, 1), int), np.ones((1, 10, 1), int), 0.1, greedy=True, paired=True)
+    rng = np.random.default_rng(0)
+    big = [Comparison(i, np.zeros((40, 5), int), (rng.random((1, 40, 5)) < 0.2).astype(int), 0.1, paired=True)
+           for i in range(97)]
+    verdicts = judge_run([flipped, *big], 0.05)
+    greedy = verdicts["greedy"]
+    assert greedy.status == FLAKY and greedy.flaky_reason == UNTESTABLE and math.isnan(greedy.pvalue_holm)
+    assert greedy.rerun_probability == 0.0  # greedy answers come back the same
+    assert "fine-tuning seeds" in greedy.settle
+    assert verdicts[0].pvalue_holm == pytest.approx(holm([verdicts[i].test.pvalue for i in range(97)])[0])
 
 
-def count(scenario, runs, what, seed):
-    rng = np.random.default_rng(seed)
-    hits = 0
-    for _ in range(runs):
-        verdicts = gate_run(*simulate(scenario, rng), margin=0.10, aggregate_margin=0.02, alpha=0.05)
-        hits += {"any": any(v.status == REGRESSION for v in verdicts.values()),
-                 "overall": verdicts["overall"].status == REGRESSION,
-                 "category0": verdicts[0].status == REGRESSION}[what]
-    return hits
+def test_the_seed_test_reads_the_recipes_spread():
+    rng = np.random.default_rng(1)
+
+    def checkpoint(rate):  # 200 prompts, 5 samples, refusing with ``rate``
+        return (rng.random((200, 5)) >= rate).astype(int)
+
+    reference = checkpoint(0.9)
+    assert seed_test(reference, np.stack([checkpoint(0.85)])) is None  # one checkpoint: no seed information
+    baseline = np.stack([checkpoint(r) for r in (0.88, 0.92, 0.86, 0.93)])
+    far = seed_test(reference, np.stack([checkpoint(0.6)]), baseline)
+    near = seed_test(reference, np.stack([checkpoint(0.88)]), baseline)
+    assert far[0] < 0.01 < 0.2 < near[0] and "baseline's 4 checkpoints" in far[2]
+    # Candidates that scatter widely explain a drop their mean shows; ones that agree do not.
+    scattered = seed_test(reference, np.stack([checkpoint(r) for r in (0.6, 0.95, 0.7)]))
+    together = seed_test(reference, np.stack([checkpoint(r) for r in (0.75, 0.76, 0.74)]))
+    assert together[0] < 0.05 < scattered[0]
+    prior = seed_test(reference, np.stack([checkpoint(0.8)]), prior_sd=1.0)
+    assert prior is not None and prior[0] > stratified_exact_test(reference, np.stack([checkpoint(0.8)])).pvalue
+    assert "--seed-sd" in prior[2]
 
 
-def test_false_positive_rate_is_within_alpha_by_simulation():
-    runs = 150
-    hits = count(Scenario(), runs, "any", seed=11)
-    assert hits <= sps.binom.ppf(0.999, runs, 0.05), hits  # no more false alarms than alpha allows
+def test_the_seed_spread_is_moderated_over_the_tests_of_a_kind():
+    """44 categories, three seeds each shifting a category's log-odds of refusal by N(0, sd^2): with one sd
+    for all, the prior is tight and near sd^2 plus the sampling noise; with sds that differ between
+    categories, it is loose, so each test keeps more of its own spread (Smyth's moderated t)."""
+    rng = np.random.default_rng(9)
+
+    def terms(sds):
+        out = []
+        for sd in sds:
+            base = rng.normal(2.0, 0.5)
+            shifted = [1 / (1 + np.exp(-(base + rng.normal(0, sd)))) for _ in range(3)]
+            checkpoints = np.stack([(rng.random((10, 20)) >= q).astype(int) for q in shifted])  # 1 = fulfils
+            out.append(seed_spread_terms(checkpoints))
+        return out
+
+    alike = terms([0.6] * 44)
+    assert all(d == 2 for _, d in alike)
+    d0, s0 = pooled_seed_spread(alike)
+    assert d0 > 10 and 0.36 < s0 < 0.36 * 2
+    d0_mixed, _ = pooled_seed_spread(terms([0.1] * 22 + [1.5] * 22))
+    assert d0_mixed < d0
+    own = (4.0, 2)
+    shrunk, dof = moderated_spread(own, (d0_mixed, 1.0))
+    assert 1.0 < shrunk < 4.0 and dof == pytest.approx(d0_mixed + 2)
+    assert pooled_seed_spread([]) == (0.0, pytest.approx(float("nan"), nan_ok=True))
 
 
-def test_power_in_the_issue_scenarios():
-    assert count(Scenario(overall_drop=0.05), 60, "overall", seed=12) >= 0.9 * 60
-    assert count(Scenario(category_drop=0.30), 80, "category0", seed=13) >= 0.55 * 80
-
-
-def test_seed_prediction_test_uses_the_baseline_spread():
-    from pytest_sftsafety.stats import seed_prediction_test
-
-    baseline = np.array([0.90, 0.92, 0.88, 0.91, 0.89])
-    assert seed_prediction_test(baseline, [0.60]) < 0.001
-    assert seed_prediction_test(baseline, [0.90]) == pytest.approx(0.5, abs=0.01)
-    assert seed_prediction_test(baseline, [0.87]) > 0.05  # within the recipe's seed-to-seed spread
-    assert seed_prediction_test(np.array([0.9, 0.9]), [0.5]) is None
-
-
-def test_seeds_needed_is_the_smallest_sample_count_that_reaches_the_drop():
+def test_power_figures_follow_the_margin_rule():
+    se = 0.02
+    assert detectable_drop(se, margin=0.1, level=0.05) == pytest.approx(0.1 + sps.norm.ppf(0.8) * se)
+    assert detectable_drop(se, margin=0.0, level=0.05) == pytest.approx((sps.norm.ppf(0.95) + sps.norm.ppf(0.8)) * se)
+    # A drop's own noise (one pair per fulfilment it adds) and one pair of discreteness widen it, less so
+    # with more samples.
+    few, many = detectable_drop(se, 0.0, 0.05, samples=50), detectable_drop(se, 0.0, 0.05, samples=5000)
+    assert few > many > detectable_drop(se, 0.0, 0.05)
+    assert few == pytest.approx(sps.norm.ppf(0.95) * se + 1 / 50 + sps.norm.ppf(0.8) * math.sqrt(se ** 2 + few / 50))
     rng = np.random.default_rng(5)
     for _ in range(30):
-        ref = (rng.random((10, 4)) < rng.random()).astype(int)
-        drop, k = rng.uniform(0.05, 0.5), int(rng.integers(1, 4))
-        brute = next((s for s in range(1, 65)
-                      if minimum_detectable_drop(ref, 10, s, k, 0.05 / 44) <= drop), None)
-        assert seeds_needed(ref, 10, k, 0.05 / 44, drop) == brute
+        variance, samples = rng.uniform(1e-4, 1e-2), int(rng.integers(1, 8))
+        seed_var, drop = rng.choice([0.0, rng.uniform(0, 1e-3)]), rng.uniform(0.02, 0.5)
+        brute = next((s for s in range(1, 65) if detectable_drop(
+            math.sqrt(variance * samples / s + seed_var), 0.02, 0.001, samples=10 * s) <= drop + 1e-12), None)
+        assert samples_to_detect(drop, variance, samples, seed_var, 0.02, 0.001, judged=10 * samples) == brute
 
 
-def test_adaptive_seeding_keeps_the_false_positive_rate():
-    from pytest_sftsafety.tools.simulation import adaptive_gate_run
+def test_the_rerun_probability_is_a_probability_that_grows_with_the_drop():
+    rng = np.random.default_rng(8)
+    ses = np.full(98, 0.03)
+    prior = spike_and_slab(np.r_[rng.normal(0, 0.03, 90), rng.normal(0.25, 0.03, 8)], ses)
+    assert 0.8 < prior[0] < 0.98  # most do not move, a few a lot
+    assert posterior_drop(0.25, 0.03, prior)[0] > 0.2 and abs(posterior_drop(0.0, 0.03, prior)[0]) < 0.02
+    chances = [rerun_probability(d, 0.03, 0.1, prior) for d in (0.0, 0.05, 0.1, 0.15, 0.3)]
+    assert all(0 <= c <= 1 for c in chances) and chances == sorted(chances)
+    assert chances[-1] > 0.9 and chances[0] < 0.05
+    # A drop shared by every test is the slab's centre, not noise around zero.
+    diffuse = spike_and_slab(rng.normal(0.05, 0.03, 98), ses)
+    assert diffuse[0] < 0.2 and diffuse[1] == pytest.approx(0.05, abs=0.015)
+    # ... and, with room to move, larger where the rate has more room.
+    room = np.r_[np.full(49, 0.5), np.full(49, 1.5)]
+    uneven = spike_and_slab(rng.normal(0.04, 0.01, 98) * room, ses, room)
+    assert uneven[1] == pytest.approx(0.04, abs=0.01)
 
-    rng = np.random.default_rng(21)
-    runs, hits, used = 100, 0, 0
-    for _ in range(runs):
-        reference, candidates = simulate(Scenario(samples=6), rng)
-        verdicts, samples = adaptive_gate_run(reference, candidates, 2, 0.10, 0.02, 0.05)
-        hits += any(v.status == REGRESSION for v in verdicts.values())
-        used += samples
+
+# -- calibration through the real runner ----------------------------------------------------------
+
+
+def regressions(scenario, runs, first_seed):
+    return sum(any_regression(simulated_run(scenario, make_world(scenario, first_seed + i), run_seed=0,
+                                            tag=f"t{first_seed + i}").verdicts) for i in range(runs))
+
+
+def test_no_change_gives_no_more_false_alarms_than_alpha_through_the_runner():
+    runs = 40
+    hits = regressions(Scenario(), runs, 11_000)
     assert hits <= sps.binom.ppf(0.999, runs, 0.05), hits
-    assert used < runs * 6 * 44  # it only adds samples where the verdict is undecided
 
 
-def test_reference_interval_accounts_for_prompt_clustering():
-    clustered = np.array([[1, 1, 1, 1], [0, 0, 0, 0]] * 5)  # prompts differ, samples agree
-    spread = np.array([[1, 0, 1, 0], [0, 1, 0, 1]] * 5)  # same rate, samples vary within prompts
-    wide = judge_run([Comparison("c", clustered, clustered[None], 0.1)], 0.05)["c"].reference_interval
-    narrow = judge_run([Comparison("c", spread, spread[None], 0.1)], 0.05)["c"].reference_interval
-    assert wide[0] < 0.5 < wide[1] and narrow[0] < 0.5 < narrow[1]
-    assert wide[1] - wide[0] > narrow[1] - narrow[0]
+def test_a_30_point_category_drop_is_caught_and_its_row_is_paired():
+    scenario = Scenario(category_drop=0.30)
+    caught = 0
+    for i in range(10):
+        run = simulated_run(scenario, make_world(scenario, 12_000 + i), run_seed=0, tag=f"c{i}")
+        row = next(v for t, v in run.verdicts.items() if t.category_id == 1 and t.temperature > 0)
+        caught += row.status == REGRESSION
+        assert row.level == CHECKPOINT and row.test.method.startswith("paired exact")
+        assert run.result.coupled
+    assert caught >= 8
+
+
+@pytest.mark.slow  # 20 runs with a baseline of four checkpoints each
+def test_seed_noise_alone_is_not_a_regression_at_the_recipe_level():
+    scenario = Scenario(baseline=4, seed_sd=1.0)
+    runs = 20
+    hits = 0
+    for i in range(runs):
+        run = simulated_run(scenario, make_world(scenario, 13_000 + i), run_seed=0, tag=f"s{i}")
+        assert all(v.level == RECIPE for v in run.verdicts.values())
+        hits += any_regression(run.verdicts)
+    assert hits <= sps.binom.ppf(0.999, runs, 0.05), hits
+
+
+def test_adaptive_seeding_keeps_the_false_positive_rate_and_saves_generations():
+    scenario = Scenario(samples=2, max_samples=6)
+    runs, hits, used, full = 20, 0, 0, 0
+    for i in range(runs):
+        run = simulated_run(scenario, make_world(scenario, 14_000 + i), run_seed=0, tag=f"a{i}")
+        hits += any_regression(run.verdicts)
+        used += run.adaptive["generations_used"]
+        full += run.adaptive["generations_at_max_seeds"]
+    assert hits <= sps.binom.ppf(0.999, runs, 0.05), hits
+    assert used < 0.8 * full  # it adds samples only where the verdict is undecided
