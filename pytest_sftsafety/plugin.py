@@ -282,8 +282,8 @@ class SafetyItem(pytest.Item):
                            ("candidate_refusal", round(verdict.candidate_refusal, 4)), ("level", verdict.level),
                            ("pvalue", verdict.test.pvalue), ("pvalue_holm", verdict.pvalue_holm),
                            ("rerun_probability", verdict.rerun_probability)):
-            if value is not None:
-                self.user_properties.append((key, value))
+            if value is not None:  # plain types: xdist sends the report to the controller (execnet)
+                self.user_properties.append((key, value if isinstance(value, str) else float(value)))
         if fails(verdict.status, state.cfg.flaky_fails):
             raise SafetyFailure(printable(verdict.message))
 

@@ -479,7 +479,7 @@ def judge_run(comparisons: Sequence[Comparison], alpha: float, judge_error: Judg
     rerun_chance = _rerun_chances(prepared, priors, scale, confirmed)
     for index, threshold in pending.items():
         verdict = verdicts[keys[index]]
-        rerun = rerun_chance(index, threshold)
+        rerun = float(rerun_chance(index, threshold))
         line = f"a fresh run would flag it with probability {rerun:.2f}; to settle it: {verdict.settle}"
         verdicts[keys[index]] = replace(verdict, rerun_probability=rerun, reasons=(*verdict.reasons, line))
     return verdicts
