@@ -291,8 +291,7 @@ def detectable_drop(se: float, margin: float, level: float, power: float = 0.8, 
     solves d = t + z_power sqrt(se^2 + scale d / N) (fixed-point iteration)."""
     if not level > 0 or math.isnan(se):
         return float("inf")
-    per_drop = scale / samples if samples > 0 else 0.0
-    critical = max(margin, z_quantile(1 - level) * se + per_drop)
+    per_drop, critical = _critical(se, margin, level, samples, scale)
     z_power = z_quantile(power)
     drop = critical + z_power * se
     for _ in range(50):
@@ -301,6 +300,20 @@ def detectable_drop(se: float, margin: float, level: float, power: float = 0.8, 
             break
         drop = updated
     return drop
+
+
+def _critical(se: float, margin: float, level: float, samples: float, scale: float) -> tuple[float, float]:
+    """The variance a drop adds per unit of drop (scale / N) and the critical value the estimate must clear,
+    max(margin, z_level se + scale / N): the rule ``detectable_drop`` reads."""
+    per_drop = scale / samples if samples > 0 else 0.0
+    return per_drop, max(margin, z_quantile(1 - level) * se + per_drop)
+
+
+def catch_probability(drop: float, se: float, margin: float, level: float, samples: float = math.inf,
+                      scale: float = 1.0) -> float:
+    """The chance that the rule of ``detectable_drop`` catches a true drop of ``drop`` (the power at it)."""
+    per_drop, critical = _critical(se, margin, level, samples, scale)
+    return normal_sf((critical - drop) / math.sqrt(se ** 2 + per_drop * drop))
 
 
 def samples_to_detect(drop: float, sampling_var: float, samples: int, seed_var: float, margin: float,

@@ -21,6 +21,7 @@ from .stats import (
     JudgeError,
     TestResult,
     benjamini_hochberg,
+    catch_probability,
     detectable_drop,
     drop_variance,
     judged,
@@ -224,10 +225,8 @@ def undecided(verdict: Verdict, samples_then: int, chance: float = 0.2) -> bool:
     if not se > 0:
         return False
     # The rule of detectable_drop at the larger sample count, read at the observed drop.
-    per_drop = verdict.judge_scale / (verdict.judged_samples * samples_then / verdict.samples) \
-        if verdict.judged_samples else 0.0
-    critical = max(verdict.margin, z_quantile(1 - level) * se + per_drop)
-    return normal_sf((critical - verdict.drop) / math.sqrt(se ** 2 + per_drop * verdict.drop)) >= chance
+    judged_then = verdict.judged_samples * samples_then / verdict.samples if verdict.judged_samples else 0.0
+    return catch_probability(verdict.drop, se, verdict.margin, level, judged_then, verdict.judge_scale) >= chance
 
 
 def _correct(verdict_fields: dict, error: JudgeError, fix=None) -> dict:
