@@ -329,70 +329,138 @@ def samples_to_detect(drop: float, sampling_var: float, samples: int, seed_var: 
     return None
 
 
-def spike_and_slab(drops: Sequence[float], ses: Sequence[float], room: Sequence[float] | None = None
-                   ) -> tuple[float, float, float]:
-    """An empirical-Bayes prior for the true drops behind a family of estimates with known standard errors:
-    Efron's two-groups model (Efron 2010, ch. 2 and 5). A share ``pi0`` of the tests did not move (a spike at
-    zero), the rest moved by N(m room_i, A): a few tests that moved a lot (m near zero, A large), or a drop
-    that every test shares (m the typical drop, A its spread). ``room_i`` (mean 1; default 1) is how far
-    test i's rate can move: a fine-tune that moves every prompt's log-odds alike moves a rate r by about
-    r (1 - r) times as much, so a category that refuses everything drops least. So d_i ~ pi0 N(0, se_i^2) +
-    (1 - pi0) N(m room_i, se_i^2 + A), fitted by maximum likelihood over a grid. A normal prior alone would
-    shrink the few to nothing; a spike alone could not express a fine-tune that lowered refusal everywhere.
-    Returns (pi0, m, A): test i's slab is centred at m room_i."""
+@dataclass(frozen=True)
+class DropNoise:
+    """How noisy a test's estimated drop would be if its true drop were x: variance ``base + slope |x|``.
+
+    Paired by sample (McNemar), the pairs where the candidate refuses and the reference does not (a share
+    ``reverse`` of the ``pairs``) are the coupling's own noise, and a true drop x adds x of discordant pairs
+    of the other kind, so the variance is (2 reverse + x) / pairs (Agresti 2013, sec. 11.1): a category whose
+    answers did not move looks noiseless, yet a drop in it would be noisy. Unpaired, or with the seeds' spread
+    in it, the variance is taken as it was measured (``slope`` 0, ``pairs`` 0)."""
+
+    base: float
+    slope: float = 0.0
+    pairs: float = 0.0
+    reverse: float = 0.0
+
+    def variance(self, drop: np.ndarray | float) -> np.ndarray:
+        return self.base + self.slope * np.abs(np.asarray(drop, dtype=float))
+
+    @classmethod
+    def paired(cls, drop_kind: int, reverse_kind: int, pairs: int) -> DropNoise:
+        """From McNemar's counts: ``drop_kind`` pairs where the reference refuses and the candidate fulfils,
+        ``reverse_kind`` the other way round. A quarter pair is added to the reverse kind (half a discordant
+        pair in the variance), so a test whose answers never differ is not taken as noiseless."""
+        reverse = (reverse_kind + 0.25) / pairs
+        return cls(base=2 * reverse / pairs, slope=1 / pairs, pairs=float(pairs), reverse=reverse)
+
+
+@dataclass(frozen=True)
+class DropPrior:
+    """The distribution of the true drops of a family of tests, per unit of room to move (see
+    ``drop_prior``): atoms ``grid`` with probabilities ``weights``."""
+
+    grid: np.ndarray
+    weights: np.ndarray
+
+
+def drop_prior(drops: Sequence[float], noises: Sequence[DropNoise], room: Sequence[float] | None = None,
+               size: int = 61, iterations: int = 300) -> DropPrior:
+    """An empirical-Bayes prior for the true drops behind a family of estimates: the nonparametric maximum
+    likelihood estimate of their distribution (Kiefer and Wolfowitz 1956), on a grid by EM (Jiang and Zhang
+    2009, "General maximum likelihood empirical Bayes estimation of normal means"; Koenker and Mizera 2014).
+    Test i's estimate is N(room_i t, noise_i(room_i t)) given its true drop per unit of room t. ``room_i``
+    (mean 1; default 1) is how far test i's rate can move: a fine-tune that moves every prompt's log-odds alike
+    moves a rate r by about r (1 - r) times as much, so a category that refuses everything drops least. No
+    shape is imposed: the estimate puts mass at zero for tests that did not move, at one value for a drop
+    every test shares, and at a lone test's own drop when one category moved alone, which a normal or a
+    spike-and-slab prior would shrink to nothing."""
     d = np.asarray(drops, dtype=float)
-    se2 = np.asarray(ses, dtype=float) ** 2
     lever = np.ones_like(d) if room is None else np.asarray(room, dtype=float)
-    keep = np.isfinite(d) & np.isfinite(se2) & (se2 > 0) & np.isfinite(lever)
-    d, se2, lever = d[keep], se2[keep], lever[keep]
+    base = np.array([n.base for n in noises], dtype=float)
+    slope = np.array([n.slope for n in noises], dtype=float)
+    keep = np.isfinite(d) & np.isfinite(base) & (base > 0) & np.isfinite(lever)
+    d, lever, base, slope = d[keep], np.maximum(lever[keep], 1e-3), base[keep], slope[keep]
     if d.size == 0:
-        return 1.0, 0.0, 0.0
-    width = float(np.sqrt(se2.mean()))
-    per_room = d / np.maximum(lever, 1e-3)
-    low, high = min(float(np.quantile(per_room, 0.05)), 0.0), max(float(np.quantile(per_room, 0.95)), 0.0)
-    shifts = np.unique(np.r_[0.0, np.linspace(low - width, high + width, 33)])
-    slabs = np.r_[0.0, np.geomspace(max(se2.min(), 1e-8) / 100, max(float(np.var(d)) * 10, 1e-6), 40)]
-    shares = np.linspace(0.0, 1.0, 41)
-    spike = sps.norm.pdf(d, 0.0, np.sqrt(se2))
-    best, best_ll = (1.0, 0.0, 0.0), -math.inf
-    for m in shifts:
-        for slab in slabs:
-            spread = sps.norm.pdf(d, m * lever, np.sqrt(se2 + slab))
-            ll = np.log(shares[:, None] * spike + (1 - shares[:, None]) * spread + 1e-300).sum(axis=1)
-            i = int(np.argmax(ll))
-            if ll[i] > best_ll + 1e-9:
-                best, best_ll = (float(shares[i]), float(m), float(slab)), float(ll[i])
-    return best
+        return DropPrior(np.zeros(1), np.ones(1))
+    per_room = d / lever
+    grid = np.unique(np.r_[0.0, np.linspace(min(per_room.min(), 0.0), max(per_room.max(), 0.0), size)])
+    values = lever[:, None] * grid[None, :]
+    likelihood = sps.norm.pdf(d[:, None], values, np.sqrt(base[:, None] + slope[:, None] * np.abs(values)))
+    weights = np.full(grid.size, 1.0 / grid.size)
+    for _ in range(iterations):
+        joint = weights * likelihood
+        joint /= joint.sum(axis=1, keepdims=True) + 1e-300
+        weights = joint.mean(axis=0)
+    return DropPrior(grid, weights)
 
 
-def _two_groups(drop: float, se: float, prior: tuple[float, float, float]) -> tuple[float, float, float]:
-    """Under the two-groups ``prior``: the chance the test is among those that moved, and its true drop's
-    mean and variance if it is."""
-    pi0, shift, slab = prior
-    spike = pi0 * sps.norm.pdf(drop, 0.0, se)
-    spread = (1 - pi0) * sps.norm.pdf(drop, shift, math.sqrt(se ** 2 + slab))
-    moved = spread / (spike + spread) if spike + spread > 0 else 1.0
-    return moved, shift + (drop - shift) * slab / (slab + se ** 2), slab * se ** 2 / (slab + se ** 2)
+def posterior_atoms(drop: float, noise: DropNoise, prior: DropPrior, room: float = 1.0
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """A test's true drop given its estimate under ``prior`` (``drop_prior``): values and probabilities."""
+    values = room * prior.grid
+    joint = prior.weights * sps.norm.pdf(drop, values, np.sqrt(noise.variance(values)))
+    total = float(joint.sum())
+    if not math.isfinite(drop) or not total > 0:
+        return np.array([drop]), np.ones(1)
+    return values, joint / total
 
 
-def posterior_drop(drop: float, se: float, prior: tuple[float, float, float]) -> tuple[float, float]:
-    """Mean and variance of a test's true drop given its estimate, under the two-groups ``prior``
-    (``spike_and_slab``): a mixture of no drop and the shrunken slab."""
-    if not se > 0 or not math.isfinite(drop):
-        return drop, 0.0
-    moved, mean, var = _two_groups(drop, se, prior)
-    first = moved * mean
-    return first, max(0.0, moved * (var + mean ** 2) - first ** 2)
+def posterior_drop(drop: float, noise: DropNoise, prior: DropPrior, room: float = 1.0) -> tuple[float, float]:
+    """Mean and variance of a test's true drop given its estimate under ``prior``."""
+    values, probs = posterior_atoms(drop, noise, prior, room)
+    mean = float((values * probs).sum())
+    return mean, max(0.0, float((values ** 2 * probs).sum()) - mean ** 2)
 
 
-def rerun_probability(drop: float, se: float, threshold: float, prior: tuple[float, float, float]) -> float:
+def flag_chance(true_drop: np.ndarray | float, noise: DropNoise, margin: float, level: float,
+                screen: float = 1.0) -> np.ndarray:
+    """The chance that a fresh run's test flags a drop (beyond ``margin``, significant at ``level``, and
+    through Tarone's ``screen``: the smallest p-value its samples allow at most that) when the true drop is
+    ``true_drop``. Paired by sample: exactly, over the fresh run's discordant counts (each kind Poisson, Le
+    Cam's approximation to the binomial), McNemar's exact p-value and its smallest, 2^-discordant, so a test
+    with few discordant pairs is as hard to flag as it is. Otherwise: the normal approximation at the fresh
+    estimate's own noise."""
+    x = np.atleast_1d(np.asarray(true_drop, dtype=float))
+    if not noise.pairs:
+        sd = np.sqrt(noise.variance(x))
+        return special.ndtr((x - np.maximum(margin, z_quantile(1 - level) * sd)) / sd)
+    n, reverse = noise.pairs, noise.reverse
+    chances = np.zeros_like(x)
+    for j, drop in enumerate(x):
+        if not math.isfinite(drop):
+            continue  # no estimate, no flag
+        rate = max(reverse + drop, 0.0)
+        top = int(sps.poisson.isf(1e-9, n * max(rate, reverse)) + 2)
+        counts = np.arange(top + 1)
+        more, fewer = np.meshgrid(counts, counts, indexing="ij")  # drop kind, reverse kind
+        pvalue = sps.binom.sf(more - 1, more + fewer, 0.5)
+        flagged = ((more - fewer) / n > margin + EPS) & (pvalue <= level) & (more + fewer > 0) & \
+            (0.5 ** (more + fewer) <= screen)
+        weight = np.outer(sps.poisson.pmf(counts, n * rate), sps.poisson.pmf(counts, n * reverse))
+        chances[j] = float((weight * flagged).sum())
+    return chances
+
+
+def rerun_probability(drop: float, noise: DropNoise, prior: DropPrior, margin: float, level: float,
+                      room: float = 1.0, screen: float = 1.0) -> float:
     """The chance that a fresh run of the same test (new samples; at the recipe level a new fine-tuning
-    seed too, which ``se`` then holds) estimates a drop above ``threshold``: the posterior of the test's true
-    drop under the two-groups ``prior`` given this estimate, and the fresh estimate's own noise ``se``."""
-    if not se > 0 or not math.isfinite(drop):
-        return float(drop > threshold)
-    moved, mean, var = _two_groups(drop, se, prior)
-    return (1 - moved) * normal_sf(threshold / se) + moved * normal_sf((threshold - mean) / math.sqrt(var + se ** 2))
+    seed too, which ``noise`` then holds) flags it: the posterior predictive, the posterior of the test's
+    true drop under ``prior`` given this estimate times the chance a fresh run flags each value."""
+    values, probs = posterior_atoms(drop, noise, prior, room)
+    keep = probs > 1e-7
+    return float((probs[keep] * flag_chance(values[keep], noise, margin, level, screen)).sum())
+
+
+def normal_flag_chance(mean: float, variance: float, noise: DropNoise, margin: float, level: float,
+                       screen: float = 1.0, nodes: int = 16) -> float:
+    """``flag_chance`` averaged over a normal posterior of the true drop (Gauss-Hermite quadrature)."""
+    if not (math.isfinite(mean) and math.isfinite(variance)):
+        return 0.0
+    points, weights = np.polynomial.hermite_e.hermegauss(nodes)
+    values = mean + math.sqrt(max(variance, 0.0)) * points
+    return float((weights / weights.sum() * flag_chance(values, noise, margin, level, screen)).sum())
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,13 @@ from scipy import stats as sps
 
 from pytest_sftsafety.stats import (
     Comparison,
+    DropNoise,
     benjamini_hochberg,
     clustered_se,
     detectable_drop,
+    drop_prior,
     drop_variance,
+    flag_chance,
     holm,
     moderated_spread,
     paired_exact_test,
@@ -28,7 +31,6 @@ from pytest_sftsafety.stats import (
     samples_to_detect,
     seed_spread_terms,
     seed_test,
-    spike_and_slab,
     stratified_exact_test,
     tarone_holm,
     wilson_interval,
@@ -45,6 +47,7 @@ from pytest_sftsafety.verdict import (
     SAMPLING_NOISE,
     SEED_SPREAD,
     UNCONFIRMED,
+    UNJUDGED,
     UNTESTABLE,
     Evidence,
     decide,
@@ -324,20 +327,67 @@ def test_power_figures_follow_the_margin_rule():
 
 def test_the_rerun_probability_is_a_probability_that_grows_with_the_drop():
     rng = np.random.default_rng(8)
-    ses = np.full(98, 0.03)
-    prior = spike_and_slab(np.r_[rng.normal(0, 0.03, 90), rng.normal(0.25, 0.03, 8)], ses)
-    assert 0.8 < prior[0] < 0.98  # most do not move, a few a lot
-    assert posterior_drop(0.25, 0.03, prior)[0] > 0.2 and abs(posterior_drop(0.0, 0.03, prior)[0]) < 0.02
-    chances = [rerun_probability(d, 0.03, 0.1, prior) for d in (0.0, 0.05, 0.1, 0.15, 0.3)]
+    noise = DropNoise(base=0.03 ** 2)
+    noises = [noise] * 98
+    prior = drop_prior(np.r_[rng.normal(0, 0.03, 90), rng.normal(0.25, 0.03, 8)], noises)
+    assert 0.8 < prior.weights[np.abs(prior.grid) < 0.06].sum() < 0.98  # most do not move, a few a lot
+    assert posterior_drop(0.25, noise, prior)[0] > 0.2 and abs(posterior_drop(0.0, noise, prior)[0]) < 0.02
+    chances = [rerun_probability(d, noise, prior, 0.1, 0.05) for d in (0.0, 0.05, 0.1, 0.15, 0.3)]
     assert all(0 <= c <= 1 for c in chances) and chances == sorted(chances)
     assert chances[-1] > 0.9 and chances[0] < 0.05
-    # A drop shared by every test is the slab's centre, not noise around zero.
-    diffuse = spike_and_slab(rng.normal(0.05, 0.03, 98), ses)
-    assert diffuse[0] < 0.2 and diffuse[1] == pytest.approx(0.05, abs=0.015)
+    # A drop shared by every test is where the prior's mass sits, not noise around zero.
+    diffuse = drop_prior(rng.normal(0.05, 0.03, 98), noises)
+    assert float((diffuse.grid * diffuse.weights).sum()) == pytest.approx(0.05, abs=0.01)
     # ... and, with room to move, larger where the rate has more room.
     room = np.r_[np.full(49, 0.5), np.full(49, 1.5)]
-    uneven = spike_and_slab(rng.normal(0.04, 0.01, 98) * room, ses, room)
-    assert uneven[1] == pytest.approx(0.04, abs=0.01)
+    uneven = drop_prior(rng.normal(0.04, 0.01, 98) * room, noises, room)
+    assert float((uneven.grid * uneven.weights).sum()) == pytest.approx(0.04, abs=0.01)
+
+
+def test_one_category_that_moved_alone_keeps_its_drop():
+    """Paired categories whose answers did not move look noiseless; one whose refusals fell 30 points among
+    43 that did not is a real drop, not shrunk to nothing."""
+    still = DropNoise.paired(0, 0, 50)
+    moved = DropNoise.paired(15, 0, 50)
+    prior = drop_prior([0.0] * 43 + [0.3], [still] * 43 + [moved])
+    assert posterior_drop(0.3, moved, prior)[0] > 0.25
+    assert rerun_probability(0.3, moved, prior, 0.1, 0.05 / 44) > 0.5
+    assert rerun_probability(0.0, still, prior, 0.1, 0.05 / 44) < 0.01
+
+
+def test_a_fresh_paired_run_flags_as_often_as_simulated_mcnemar_runs_do():
+    """The exact chance that a fresh paired run flags a drop (Poisson counts of each kind of discordant pair,
+    McNemar's exact p) against brute force: binomial pairs, the test itself."""
+    rng = np.random.default_rng(3)
+    pairs, reverse = 50, 0.02
+    noise = DropNoise(base=2 * reverse / pairs, slope=1 / pairs, pairs=pairs, reverse=reverse)
+    for drop, level, screen in ((0.0, 0.05, 1.0), (0.1, 0.05, 0.05 / 7), (0.15, 0.05, 0.05 / 7), (0.2, 0.01, 1.0),
+                                (0.3, 0.001, 0.001)):
+        kinds = rng.choice(3, size=(20_000, pairs), p=[reverse + drop, reverse, 1 - 2 * reverse - drop])
+        more, fewer = (kinds == 0).sum(axis=1), (kinds == 1).sum(axis=1)
+        pvalue = sps.binom.sf(more - 1, more + fewer, 0.5)
+        flagged = ((more - fewer) / pairs > 0.1) & (pvalue <= level) & (more + fewer > 0) & \
+            (0.5 ** (more + fewer) <= screen)  # Tarone: the test must be able to reach its share
+        assert flag_chance(drop, noise, 0.1, level, screen)[0] == pytest.approx(float(flagged.mean()), abs=0.02), \
+            (drop, level, screen)
+
+
+def test_a_domain_whose_category_has_no_judgment_still_gets_a_rerun_chance():
+    """A category the judge could not read at all has no drop: its domain's chance is read through the
+    categories that have one, not turned into NaN or an error."""
+    ref_a, cand_a = np.zeros((10, 5), int), np.zeros((1, 10, 5), int)
+    cand_a[0, :3, 0] = 1  # three fulfilments in 50: 6 points, within the category's margin, beyond the domain's
+    unread = np.full((10, 5), -1)
+    comparisons = [
+        Comparison("a", ref_a, cand_a, 0.1, paired=True, kind="categories"),
+        Comparison("b", unread, unread[None], 0.1, paired=True, kind="categories"),
+        Comparison("domain", np.r_[ref_a, unread], np.concatenate([cand_a, unread[None]], axis=1), 0.02,
+                   paired=True, kind="aggregates", members=("a", "b")),
+    ]
+    verdicts = judge_run(comparisons, 0.05)
+    assert verdicts["b"].status == UNJUDGED
+    domain = verdicts["domain"]
+    assert domain.status == FLAKY and 0.05 < domain.rerun_probability < 0.5  # category a's three fulfilments
 
 
 # -- calibration through the real runner ----------------------------------------------------------
