@@ -295,13 +295,8 @@ def _prepare(original: Comparison, comp: Comparison, pooled: tuple[float, int] |
     else:
         test = sampling
     samples = int(comp.candidates.shape[-1])
-    if paired and seed is None:
-        width = min(comp.reference.shape[-1], comp.candidates.shape[-1])
-        pairs = int((judged(comp.reference[..., :width]) & judged(comp.candidates[0, ..., :width])).sum())
-        drop_kind = int(sampling.statistic)
-        noise = DropNoise.paired(drop_kind, int(round(2 * sampling.expected)) - drop_kind, max(pairs, 1))
-    else:
-        noise = DropNoise(base=sampling_var + seed_var)
+    noise = DropNoise.of_pairs(comp.reference, comp.candidates[0]) if paired and seed is None else \
+        DropNoise(base=sampling_var + seed_var)
     fields = dict(
         reference_refusal=ref_rate, candidate_refusal=cand_rate, checkpoint_refusals=per_checkpoint,
         standard_error=math.sqrt(sampling_var + seed_var),
