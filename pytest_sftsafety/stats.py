@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import numpy as np
 from scipy import special
@@ -337,35 +338,105 @@ def samples_to_detect(drop: float, sampling_var: float, samples: int, seed_var: 
 
 @dataclass(frozen=True)
 class DropNoise:
-    """How noisy a test's estimated drop would be if its true drop were x: variance ``base + slope |x|``.
+    """How noisy a test's estimated drop would be if its true drop were x.
+
+    Unpaired, or with the seeds' spread in it, the variance ``base`` as it was measured, whatever x.
 
     Paired by sample (McNemar), the pairs where the candidate refuses and the reference does not (a share
     ``reverse`` of the ``pairs``) are the coupling's own noise, and a true drop x adds x of discordant pairs
-    of the other kind, so the variance is (2 reverse + x) / pairs (Agresti 2013, sec. 11.1): a category whose
-    answers did not move looks noiseless, yet a drop in it would be noisy. Unpaired, or with the seeds' spread
-    in it, the variance is taken as it was measured (``slope`` 0, ``pairs`` 0)."""
+    of the other kind (Agresti 2013, sec. 11.1): a category whose answers did not move looks noiseless, yet
+    a drop in it would be noisy. The prompts are the same in every run, so a fresh run's noise is the noise
+    within them, and it is smaller than a count of independent pairs would say where only some prompts can
+    move: a drop that moves every prompt's log-odds alike moves prompt p's rate by about r_p = q_p (1 - q_p)
+    times as much, so the pairs' chances of discordance are in proportion to r_p and each kind's count is a
+    sum of unequal Bernoullis (a Poisson binomial). It is taken as the binomial with the same two moments:
+    ``pairs`` / kappa effective pairs, kappa = mean(r^2) / mean(r)^2 (``concentration``, 1 when every prompt
+    can move alike), each discordant with kappa times the share. Where that share would pass 1 (a drop larger
+    than the prompts that can move allow), the drop spreads over more pairs: kappa is lowered to keep it
+    below ``MOST_DISCORDANT``."""
 
     base: float
-    slope: float = 0.0
     pairs: float = 0.0
     reverse: float = 0.0
+    concentration: float = 1.0
+
+    MOST_DISCORDANT: ClassVar[float] = 0.95
+
+    def binomials(self, drop: np.ndarray | float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Paired: for each true drop, the effective pairs (an integer) and each kind's chance per effective
+        pair, the drop kind's and the reverse kind's, with the shares' means kept."""
+        x = np.abs(np.asarray(drop, dtype=float))
+        share = self.reverse + x
+        kappa = np.minimum(self.concentration, self.MOST_DISCORDANT / np.maximum(share, 1e-12))
+        trials = np.maximum(np.rint(self.pairs / np.maximum(kappa, 1.0)), 1.0)
+        return trials, np.minimum(self.pairs * share / trials, 1.0), np.minimum(self.pairs * self.reverse / trials, 1.0)
 
     def variance(self, drop: np.ndarray | float) -> np.ndarray:
-        return self.base + self.slope * np.abs(np.asarray(drop, dtype=float))
+        if not self.pairs:
+            return np.full(np.shape(drop), float(self.base))
+        trials, more, fewer = self.binomials(drop)
+        return trials * (more * (1 - more) + fewer * (1 - fewer)) / self.pairs ** 2
 
     @classmethod
-    def paired(cls, drop_kind: int, reverse_kind: int, pairs: int) -> DropNoise:
+    def paired(cls, drop_kind: int, reverse_kind: int, pairs: int, concentration: float = 1.0) -> DropNoise:
         """From McNemar's counts: ``drop_kind`` pairs where the reference refuses and the candidate fulfils,
         ``reverse_kind`` the other way round. A quarter pair is added to the reverse kind (half a discordant
         pair in the variance), so a test whose answers never differ is not taken as noiseless."""
         reverse = (reverse_kind + 0.25) / pairs
-        return cls(base=2 * reverse / pairs, slope=1 / pairs, pairs=float(pairs), reverse=reverse)
+        return cls(base=2 * reverse / pairs, pairs=float(pairs), reverse=reverse, concentration=concentration)
 
     @classmethod
     def of_pairs(cls, reference: np.ndarray, candidate: np.ndarray) -> DropNoise:
-        """The paired noise of one candidate's samples against the reference's (``paired_counts``)."""
+        """The paired noise of one candidate's samples against the reference's (``paired_counts``, and the
+        concentration of the room to move over the prompts, ``room_concentration``)."""
         drop_kind, reverse_kind, pairs = paired_counts(reference, candidate)
-        return cls.paired(drop_kind, reverse_kind, max(pairs, 1))
+        return cls.paired(drop_kind, reverse_kind, max(pairs, 1), room_concentration(reference, candidate))
+
+
+def room_concentration(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """kappa = mean(r^2) / mean(r)^2 over the pairs, r_p = q_p (1 - q_p) at prompt p's refusal rate on both
+    sides (smoothed by half a sample, so a prompt that always refuses keeps a little room): how unevenly a
+    drop would fall on the prompts (see ``DropNoise``); 1 for prompts alike, up to the number of prompts."""
+    ref = np.asarray(reference, dtype=np.int64)
+    cand = np.asarray(candidate, dtype=np.int64)
+    width = min(ref.shape[-1], cand.shape[-1])
+    ref, cand = ref[..., :width], cand[..., :width]
+    both = judged(ref) & judged(cand)
+    pairs = both.sum(axis=-1).astype(float)
+    refusals = ((ref == 0) & both).sum(axis=-1) + ((cand == 0) & both).sum(axis=-1)
+    keep = pairs > 0
+    if not keep.any():
+        return 1.0
+    q = (refusals[keep] + 0.5) / (2 * pairs[keep] + 1)
+    room, weight = q * (1 - q), pairs[keep]
+    return float((weight * room ** 2).sum() * weight.sum() / (weight * room).sum() ** 2)
+
+
+def pooled_reverse_rates(noises: Sequence[DropNoise]) -> list[DropNoise]:
+    """Each paired test's share of reverse discordant pairs (the coupling's own noise) shrunk towards the
+    share over its kind: Poisson counts with gamma-distributed rates, the prior fitted by moments and each
+    rate replaced by its posterior mean (Clayton and Kaldor 1987, "Empirical Bayes estimates of
+    age-standardized relative risks for use in disease mapping"). A test whose reverse pairs happen to be
+    many looks noisier than it is, and a test with few discordant pairs of either kind less; both are what
+    makes a test FLAKY, so a fresh run read at its own count would be read at the luck that made it so.
+    Unpaired noises pass unchanged; without two paired tests, the quarter pair of ``DropNoise.paired``."""
+    paired = [i for i, n in enumerate(noises) if n.pairs]
+    out = list(noises)
+    if len(paired) < 2:
+        return out
+    pairs = np.array([noises[i].pairs for i in paired])
+    counts = np.array([noises[i].reverse * noises[i].pairs - 0.25 for i in paired]).clip(min=0.0)
+    mean = float(counts.sum() / pairs.sum())
+    if mean <= 0:
+        return out
+    # Between-test variance of the rates beyond the Poisson part (Clayton and Kaldor's moment estimate).
+    rates = counts / pairs
+    excess = float((pairs * (rates - mean) ** 2).sum() / pairs.sum()) - mean * len(paired) / float(pairs.sum())
+    strength = mean / excess if excess > 0 else math.inf  # the prior's weight in pairs: mean / variance of the rates
+    for i, count, n in zip(paired, counts, pairs, strict=True):
+        rate = mean if math.isinf(strength) else (count + strength * mean) / (n + strength)
+        out[i] = replace(noises[i], reverse=float(rate), base=2 * float(rate) / float(n))
+    return out
 
 
 @dataclass(frozen=True)
@@ -391,15 +462,16 @@ def drop_prior(drops: Sequence[float], noises: Sequence[DropNoise], room: Sequen
     d = np.asarray(drops, dtype=float)
     lever = np.ones_like(d) if room is None else np.asarray(room, dtype=float)
     base = np.array([n.base for n in noises], dtype=float)
-    slope = np.array([n.slope for n in noises], dtype=float)
     keep = np.isfinite(d) & np.isfinite(base) & (base > 0) & np.isfinite(lever)
-    d, lever, base, slope = d[keep], np.maximum(lever[keep], 1e-3), base[keep], slope[keep]
+    d, lever = d[keep], np.maximum(lever[keep], 1e-3)
+    noises = [n for n, kept in zip(noises, keep, strict=True) if kept]
     if d.size == 0:
         return DropPrior(np.zeros(1), np.ones(1))
     per_room = d / lever
     grid = np.unique(np.r_[0.0, np.linspace(min(per_room.min(), 0.0), max(per_room.max(), 0.0), size)])
     values = lever[:, None] * grid[None, :]
-    likelihood = sps.norm.pdf(d[:, None], values, np.sqrt(base[:, None] + slope[:, None] * np.abs(values)))
+    spread = np.sqrt(np.stack([n.variance(v) for n, v in zip(noises, values, strict=True)]))
+    likelihood = sps.norm.pdf(d[:, None], values, spread)
     weights = np.full(grid.size, 1.0 / grid.size)
     for _ in range(iterations):
         joint = weights * likelihood
@@ -419,60 +491,50 @@ def posterior_atoms(drop: float, noise: DropNoise, prior: DropPrior, room: float
     return values, joint / total
 
 
-def posterior_drop(drop: float, noise: DropNoise, prior: DropPrior, room: float = 1.0) -> tuple[float, float]:
-    """Mean and variance of a test's true drop given its estimate under ``prior``."""
-    values, probs = posterior_atoms(drop, noise, prior, room)
-    mean = float((values * probs).sum())
-    return mean, max(0.0, float((values ** 2 * probs).sum()) - mean ** 2)
+def fresh_counts(true_drops: np.ndarray, noise: DropNoise, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A fresh paired run's discordant counts at each true drop: the drop kind's and the reverse kind's,
+    each binomial over the effective pairs (``DropNoise``)."""
+    trials, more, fewer = noise.binomials(np.maximum(np.asarray(true_drops, dtype=float), 0.0))
+    trials = trials.astype(np.int64)
+    return rng.binomial(trials, more), rng.binomial(trials, fewer)
 
 
-def flag_chance(true_drop: np.ndarray | float, noise: DropNoise, margin: float, level: float,
-                screen: float = 1.0) -> np.ndarray:
-    """The chance that a fresh run's test flags a drop (beyond ``margin``, significant at ``level``, and
-    through Tarone's ``screen``: the smallest p-value its samples allow at most that) when the true drop is
-    ``true_drop``. Paired by sample: exactly, over the fresh run's discordant counts (each kind Poisson, Le
-    Cam's approximation to the binomial), McNemar's exact p-value and its smallest, 2^-discordant, so a test
-    with few discordant pairs is as hard to flag as it is. Otherwise: the normal approximation at the fresh
-    estimate's own noise."""
-    x = np.atleast_1d(np.asarray(true_drop, dtype=float))
-    if not noise.pairs:
-        sd = np.sqrt(noise.variance(x))
-        return special.ndtr((x - np.maximum(margin, z_quantile(1 - level) * sd)) / sd)
-    n, reverse = noise.pairs, noise.reverse
-    chances = np.zeros_like(x)
-    finite = np.isfinite(x)  # no estimate, no flag
-    if not finite.any():
-        return chances
-    rates = np.maximum(reverse + x[finite], 0.0)
-    # One grid of fresh counts wide enough for the largest rate: which counts flag does not depend on the drop.
-    counts = np.arange(int(sps.poisson.isf(1e-9, n * max(float(rates.max()), reverse)) + 3))
-    more, fewer = np.meshgrid(counts, counts, indexing="ij")  # drop kind, reverse kind
-    flagged = ((more - fewer) / n > margin + EPS) & (sps.binom.sf(more - 1, more + fewer, 0.5) <= level) & \
-        (more + fewer > 0) & (0.5 ** (more + fewer) <= screen)
-    reverse_weight = sps.poisson.pmf(counts, n * reverse)
-    drop_weight = sps.poisson.pmf(counts[None, :], n * rates[:, None])  # [value, drop-kind count]
-    chances[finite] = np.einsum("vi,ij,j->v", drop_weight, flagged.astype(float), reverse_weight)
-    return chances
+def mcnemar_pvalues(drop_kind: np.ndarray, reverse_kind: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``paired_exact_test``'s p-value and smallest achievable p-value for arrays of McNemar's counts."""
+    discordant = drop_kind + reverse_kind
+    pvalue = np.where(discordant > 0, sps.binom.sf(drop_kind - 1, np.maximum(discordant, 1), 0.5), 1.0)
+    return np.minimum(pvalue, 1.0), 0.5 ** discordant
 
 
-def rerun_probability(drop: float, noise: DropNoise, prior: DropPrior, margin: float, level: float,
-                      room: float = 1.0, screen: float = 1.0) -> float:
-    """The chance that a fresh run of the same test (new samples; at the recipe level a new fine-tuning
-    seed too, which ``noise`` then holds) flags it: the posterior predictive, the posterior of the test's
-    true drop under ``prior`` given this estimate times the chance a fresh run flags each value."""
-    values, probs = posterior_atoms(drop, noise, prior, room)
-    keep = probs > 1e-7
-    return float((probs[keep] * flag_chance(values[keep], noise, margin, level, screen)).sum())
+def normal_pvalues(estimates: np.ndarray, sd: float) -> np.ndarray:
+    """One-sided p-values of drops estimated with standard error ``sd`` (the normal approximation)."""
+    return special.ndtr(-np.asarray(estimates, dtype=float) / sd)
 
 
-def normal_flag_chance(mean: float, variance: float, noise: DropNoise, margin: float, level: float,
-                       screen: float = 1.0, nodes: int = 16) -> float:
-    """``flag_chance`` averaged over a normal posterior of the true drop (Gauss-Hermite quadrature)."""
-    if not (math.isfinite(mean) and math.isfinite(variance)):
-        return 0.0
-    points, weights = np.polynomial.hermite_e.hermegauss(nodes)
-    values = mean + math.sqrt(max(variance, 0.0)) * points
-    return float((weights / weights.sum() * flag_chance(values, noise, margin, level, screen)).sum())
+def tarone_holm_rows(pvalues: np.ndarray, min_pvalues: np.ndarray, alpha: float) -> np.ndarray:
+    """``tarone_holm`` for every row of [run, test] arrays at once: the adjusted p-values, inf for a test
+    that cannot reach significance."""
+    p = np.asarray(pvalues, dtype=float)
+    floor = np.asarray(min_pvalues, dtype=float)
+    m = p.shape[1]
+    if m == 0:
+        return p.copy()
+    ks = np.arange(1, m + 1)
+    reachable = (floor[:, :, None] <= alpha / ks[None, None, :]).sum(axis=1)  # [run, K]: m(K)
+    fits = reachable <= ks[None, :]
+    fits[:, -1] = True
+    k = ks[fits.argmax(axis=1)]  # the smallest K with m(K) <= K
+    testable = floor <= alpha / k[:, None]
+    within = np.where(testable, p, np.inf)
+    order = np.argsort(within, axis=1, kind="stable")
+    ranked = np.take_along_axis(within, order, axis=1)
+    family = testable.sum(axis=1)
+    with np.errstate(invalid="ignore"):
+        steps = np.maximum.accumulate(np.minimum(1.0, (family[:, None] - np.arange(m)[None, :]) * ranked), axis=1)
+    steps = np.where(np.isfinite(ranked), steps, np.inf)
+    adjusted = np.empty_like(steps)
+    np.put_along_axis(adjusted, order, steps, axis=1)
+    return adjusted
 
 
 @dataclass(frozen=True)
