@@ -29,6 +29,14 @@ class SftSafetyError(Exception):
         super().__init__(printable(str(message)).replace("\n", "\\n"), *args)
 
 
+class InternalFault(Exception):
+    """A fault of the run itself, neither a user mistake nor a verdict on the model: the run ends with exit
+    status 3 (the measurement failed), never 1 (a regression). Its message is one line."""
+
+    def __init__(self, message: object = "") -> None:
+        super().__init__(printable(str(message)).replace("\n", "\\n"))
+
+
 class ConfigError(SftSafetyError):
     """A bad option or ini value."""
 

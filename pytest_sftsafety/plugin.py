@@ -12,16 +12,20 @@ from typing import Any
 import pytest
 
 from .config import OPTIONS, OptionSpec, build_config, pyproject_defaults
-from .errors import SftSafetyError, printable
+from .errors import InternalFault, SftSafetyError, first_line, printable
 from .report import render_table
 from .session import RunSession
 from .suite import Target
-from .verdict import FLAKY, fails
+from .verdict import FLAKY, UNJUDGED, fails
 
 SESSION_KEY = pytest.StashKey[RunSession]()
 WATCHER_KEY = pytest.StashKey[Any]()  # the xdist controller's progress lines
 DEMO_KEY = pytest.StashKey[bool]()  # this run is the built-in demo
 EXIT_KEY = pytest.StashKey[int]()  # the session's exit status, for the demo's closing lines
+# A run that measured nothing for a test, or failed inside one, fails the gate with this status, never 1
+# (which says the model regressed).
+MEASUREMENT_FAILED = pytest.ExitCode.INTERNAL_ERROR
+FAULT = "sftsafety_fault"  # the user property that marks an item failed by a fault, for the xdist controller
 DOMAIN_HELP = "SORRY-Bench domain marker (pytest-sftsafety)"
 
 
@@ -134,6 +138,7 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(str(exc)) from None
     _register_domain_markers(config, state.suite.domains)  # a custom suite may have domains of its own
     config.stash[SESSION_KEY] = state
+    config.pluginmanager.register(FaultWatch(state), "sftsafety-faults")
     _stop_on_sigterm(config)
 
 
@@ -271,6 +276,22 @@ class SafetyItem(pytest.Item):
                 # xdist cannot stop a worker mid-item; its items fail with the cause instead.
                 raise SafetyFailure(f"sftsafety: {exc}") from None
             pytest.exit(f"sftsafety: {exc}", returncode=pytest.ExitCode.USAGE_ERROR)
+        except InternalFault as exc:
+            if state.worker is not None:
+                self.user_properties.append((FAULT, str(exc)))
+                raise SafetyFailure(f"sftsafety: the run failed, not the model: {exc}") from None
+            pytest.exit(f"sftsafety: the run failed, not the model (exit status 3): {exc}",
+                        returncode=MEASUREMENT_FAILED)
+        try:
+            self._check(state)
+        except SafetyFailure:
+            raise
+        except Exception as exc:
+            cause = printable(f"{type(exc).__name__}: {first_line(exc)}")
+            self.user_properties.append((FAULT, cause))
+            raise SafetyFailure(f"sftsafety: the run failed, not the model: {cause}") from None
+
+    def _check(self, state: RunSession) -> None:
         verdict = state.verdicts[self.target]
         if state.unreported_failure is not None:
             # Reported once, on the first item this worker runs.
@@ -311,8 +332,31 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     items[:0] = [node for node in report.result if isinstance(node, pytest.Item)]
 
 
+class FaultWatch:
+    """Which safety tests failed for a fault of the run or measured nothing, rather than for a verdict on
+    the model; it sees every report here, and in the xdist controller the workers' reports too."""
+
+    def __init__(self, state: RunSession) -> None:
+        self.state = state
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        state = self.state
+        if state.worker is not None or not report.failed or not report.nodeid.startswith(f"{state.suite.name}::"):
+            return  # a worker (its controller counts), a pass, or a test of the user's own
+        props = dict(report.user_properties)
+        if props.get("verdict") == UNJUDGED:
+            state.faults.append({"test": report.nodeid, "fault": "UNJUDGED: no prompt judged on both sides"})
+        elif FAULT in props or report.when != "call" or "verdict" not in props:
+            state.faults.append({"test": report.nodeid, "fault": str(props.get(FAULT, f"failed in {report.when}"))})
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     _finish_session(session)
+    state = session.config.stash.get(SESSION_KEY, None)
+    if state is not None and state.worker is None and session.exitstatus in (pytest.ExitCode.OK,
+                                                                             pytest.ExitCode.TESTS_FAILED):
+        if state.faults:
+            session.exitstatus = MEASUREMENT_FAILED
     session.config.stash[EXIT_KEY] = session.exitstatus
 
 
@@ -331,8 +375,8 @@ def _finish_session(session: pytest.Session) -> None:
     if state.worker_payloads:
         state.take_worker_results()
     if state.result is None:
-        if state.report_error:  # every worker failed on a usage-type error: the status a single process gives
-            session.exitstatus = pytest.ExitCode.USAGE_ERROR
+        if state.report_error:  # every worker failed: the status a single process gives for that cause
+            session.exitstatus = MEASUREMENT_FAILED if state.error_internal else pytest.ExitCode.USAGE_ERROR
         return
     if not state.write_outputs(os.environ.get("GITHUB_STEP_SUMMARY")):
         session.exitstatus = pytest.ExitCode.USAGE_ERROR
@@ -353,6 +397,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         return
     for label, path in state.files_written():
         terminalreporter.line(printable(f"{label}: {path}"))
+    if state.faults:
+        first = state.faults[0]
+        terminalreporter.line(printable(
+            f"sftsafety: {len(state.faults)} test(s) measured nothing or failed to run, so the gate fails with exit "
+            f"status 3 (the measurement failed, not the model); first: {first['test']}: {first['fault']}"), red=True)
     if state.summary_warning:
         terminalreporter.line(f"sftsafety: {state.summary_warning}", yellow=True)
     if state.cfg.save_baseline:

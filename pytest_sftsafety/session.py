@@ -14,6 +14,7 @@ import dataclasses
 import importlib.util
 import os
 import time
+import traceback
 import uuid
 import warnings
 from collections.abc import Callable, Mapping
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .config import RunConfig
-from .errors import SftSafetyError, printable
+from .errors import InternalFault, SftSafetyError, first_line, printable
 from .runner import Progress
 from .suite import Target
 from .verdict import Verdict
@@ -101,7 +102,9 @@ class RunSession:
         self.verdicts: dict[Target, Verdict] = {}
         self.adaptive: dict | None = None
         self.error: str | None = None
+        self.error_internal = False  # ``error`` is a fault of the run (exit status 3), not a user mistake
         self.report_error: str | None = None
+        self.faults: list[dict[str, str]] = []  # tests whose item failed with a fault, not a verdict
         self.nodeids: dict[Target, str] = {}
         self._report: dict[str, Any] | None = None
         self.summary_warning: str | None = None  # $GITHUB_STEP_SUMMARY could not be written
@@ -116,7 +119,7 @@ class RunSession:
         if self.result is not None:
             return
         if self.error is not None:
-            raise SftSafetyError(self.error)
+            raise (InternalFault if self.error_internal else SftSafetyError)(self.error)
         from .runner import assess, run, run_adaptive
         from .store import Store
 
@@ -168,8 +171,22 @@ class RunSession:
             raise
         except Exception as exc:
             # Kept, so the other items report the same cause instead of starting the run over.
-            self.error = printable(f"{type(exc).__name__}: {exc}")
-            raise
+            self.error, self.error_internal = printable(f"{type(exc).__name__}: {first_line(exc)}"), True
+            kept = self._keep_traceback()
+            if kept:
+                self.error += f" (traceback: {kept})"
+            raise InternalFault(self.error) from exc
+
+    def _keep_traceback(self) -> str | None:
+        """The current exception's traceback in a file beside the store, for a bug report; its path, or None
+        when it cannot be written (the one-line cause is reported either way)."""
+        try:
+            path = self.store_path().parent / "last_fault.txt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(traceback.format_exc(), encoding="utf-8", errors="backslashreplace")
+            return str(path)
+        except Exception:
+            return None
 
     def _run_sharded(self, store, stage_cells, extra_samples, fresh: bool, run_cells: Callable):
         """This worker's part of a stage, then the whole stage from the store (see ``distributed.py``)."""
@@ -267,6 +284,7 @@ class RunSession:
         payload = encode_result(self.result, self.nodeids, self.verdicts) if self.result is not None else {}
         payload["worker"] = self.worker.id if self.worker else ""
         payload["error"] = self.error
+        payload["error_internal"] = self.error_internal
         payload["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
         return payload
 
@@ -278,8 +296,9 @@ class RunSession:
         payloads = [p for p in self.worker_payloads if p.get("cells") is not None]
         if not payloads:
             errors = [p["error"] for p in self.worker_payloads if p.get("error")]
-            if errors:  # every worker failed, as a single process would have: a usage error
+            if errors:  # every worker failed, as a single process would have
                 self.report_error = errors[0]
+                self.error_internal = any(p.get("error_internal") for p in self.worker_payloads)
             return
         try:
             result, targets, nodeids = decode_results(payloads, self.prompts)
@@ -337,6 +356,7 @@ class RunSession:
             judge=self._judge_info(), cells=self.result.cells, verdicts=self.verdicts, nodeids=self.nodeids,
             run={**self.result.stats.as_report(self.cfg.backend), "coupling": self._coupling(),
                  "store": str(self.store_path()),
+                 **({"faults": self.faults, "incomplete": True} if self.faults else {}),
                  "adaptive": self.adaptive, **({"workers": self.worker_info} if self.worker_info else {})},
             provenance=provenance,
         )

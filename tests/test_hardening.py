@@ -82,6 +82,52 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+def test_a_fault_of_the_run_is_one_line_and_exit_3_never_a_regression(pytester, toy_models):
+    """Exit status 1 says the model regressed. A fault of the run itself before any verdict ends it with one
+    line and exit status 3, its traceback kept beside the store for a bug report."""
+    pytester.makeconftest("""
+import pytest_sftsafety.runner as runner
+
+
+def broken(*args, **kwargs):
+    raise RuntimeError("assess broke\\nat a second line")
+
+
+runner.assess = broken
+""")
+    result = pytester.runpytest_subprocess("--model", str(toy_models.answer_all), "--sftsafety-data",
+                                           str(toy_models.data_202503), *FAST, "-k", "01_", "--temperatures", "0")
+    assert result.ret == pytest.ExitCode.INTERNAL_ERROR, result.stdout.str()[-2000:]
+    result.stdout.fnmatch_lines(["*sftsafety: the run failed, not the model (exit status 3): RuntimeError: assess "
+                                 "broke (traceback: *last_fault.txt)*"])
+    shown = result.stdout.str() + result.stderr.str()
+    assert "Traceback" not in shown and "at a second line" not in shown
+    assert "RuntimeError: assess broke" in (pytester.path / "last_fault.txt").read_text()
+
+
+def test_a_fault_inside_a_test_after_the_run_is_exit_3_and_marks_the_report_incomplete(pytester, toy_models):
+    pytester.makeconftest("""
+import pytest_sftsafety.plugin as plugin
+
+
+def broken(*args, **kwargs):
+    raise KeyError("no verdict here")
+
+
+plugin.fails = broken
+""")
+    result = pytester.runpytest_subprocess("--model", str(toy_models.answer_all), "--sftsafety-data",
+                                           str(toy_models.data_202503), *FAST, "-k", "01_", "--temperatures", "0",
+                                           "--sftsafety-json", "report.json")
+    assert result.ret == pytest.ExitCode.INTERNAL_ERROR, result.stdout.str()[-2000:]
+    result.stdout.fnmatch_lines(["*sftsafety: the run failed, not the model: KeyError: 'no verdict here'*",
+                                 "sftsafety: 1 test(s) measured nothing or failed to run, so the gate fails with exit "
+                                 "status 3 (the measurement failed, not the model); first: *01_*KeyError*"])
+    assert "Traceback" not in result.stdout.str()
+    run = json.loads((pytester.path / "report.json").read_text())["run"]
+    assert run["incomplete"] is True and run["faults"][0]["fault"] == "KeyError: 'no verdict here'"
+
+
 def test_a_full_disk_under_the_store_is_one_line_and_keeps_what_was_committed(pytester, toy_models, small_disk):
     store = small_disk / "store.sqlite"
     result = pytester.runpytest("--model", str(toy_models.answer_all), "--sftsafety-data",

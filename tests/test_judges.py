@@ -135,7 +135,7 @@ def test_unparsable_judgments_are_missing_not_refusals_in_a_run(pytester, toy_mo
               "store.sqlite", "-k", "01_ or 07_ or overall"]
     result = pytester.runpytest(*common, "--judge", f"sorry-bench:{judge_standins.unreadable}",
                                 "--judge-mode", "decode", "--judge-batch-size", "32", "--sftsafety-json", "r.json")
-    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    assert result.ret == pytest.ExitCode.INTERNAL_ERROR  # 3: the measurement failed, not the model
     report = json.loads((pytester.path / "r.json").read_text())
     by_id = {e["category_id"]: e for e in report["entries"]}
     for category in (1, 7):
@@ -151,7 +151,9 @@ def test_unparsable_judgments_are_missing_not_refusals_in_a_run(pytester, toy_mo
     assert report["summary"]["unjudged"] == 2 and report["summary"]["gate"] == "fail"
     result.stdout.fnmatch_lines(["UNJUDGED: 10 of 20 judgments unparsable: no prompt judged on both sides*",
                                  "*3 tests, 0 regressions, 1 flaky, 0 over limits, 2 unjudged: gate FAIL*",
-                                 "*judgments unparsable: left out of rates and tests*"])
+                                 "*judgments unparsable: left out of rates and tests*",
+                                 "sftsafety: 2 test(s) measured nothing or failed to run, so the gate fails with "
+                                 "exit status 3 (the measurement failed, not the model); first: *UNJUDGED*"])
     assert report["judge"]["name"].startswith("sorry-bench:") and report["judge"]["error_rates"] is None
     keyword = pytester.runpytest(*common, "--judge", "keyword", "--sftsafety-json", "k.json")
     assert keyword.ret == pytest.ExitCode.TESTS_FAILED
