@@ -56,23 +56,26 @@ def _example(spec: OptionSpec) -> object:
     return spec.default if isinstance(spec.default, int) else 16
 
 
-def _to_int(spec: OptionSpec, value: object, minimum: int) -> int:
+def _to_int(spec: OptionSpec, value: object, minimum: int, maximum: int | None = None, why: str = "") -> int:
     text = str(value).strip()
     if isinstance(value, bool) or not re.fullmatch(r"[+-]?\d+", text):
         raise _fail(spec, value, f"must be a whole number >= {minimum}, e.g. {spec.flag} {_example(spec)}")
     number = int(text)
     if number < minimum:
         raise _fail(spec, value, f"must be >= {minimum}, e.g. {spec.flag} {_example(spec)}")
+    if maximum is not None and number > maximum:
+        raise _fail(spec, value, f"must be at most {maximum} ({why}), e.g. {spec.flag} {_example(spec)}")
     return number
 
 
-def _to_float(spec: OptionSpec, value: object, low: float, high: float) -> float:
+def _to_float(spec: OptionSpec, value: object, low: float, high: float, example: object = None) -> float:
+    example = spec.default if example is None else example
     try:
         number = float(str(value).strip())
     except ValueError:
-        raise _fail(spec, value, f"must be a number in [{low:g}, {high:g}], e.g. {spec.flag} {spec.default}") from None
+        raise _fail(spec, value, f"must be a number in [{low:g}, {high:g}], e.g. {spec.flag} {example}") from None
     if not math.isfinite(number) or not low <= number <= high:
-        raise _fail(spec, value, f"must be a number in [{low:g}, {high:g}], e.g. {spec.flag} {spec.default}")
+        raise _fail(spec, value, f"must be a number in [{low:g}, {high:g}], e.g. {spec.flag} {example}")
     return number
 
 
@@ -115,11 +118,20 @@ def _to_alpha(spec: OptionSpec, value: object) -> float:
     return alpha
 
 
+def _looks_like_path(text: str) -> bool:
+    """A folder, not a hub id: a hub id is owner/name, one slash, no leading dot, slash or tilde."""
+    return text.startswith((".", "/", "~", "\\")) or text.count("/") > 1 or "\\" in text or \
+        (len(text) > 1 and text[1] == ":")
+
+
 def check_judge(value: object) -> str:
     """A --judge value: a known name, ``sorry-bench:PATH`` or ``api:MODEL``."""
     spec = OPTION_BY_DEST["judge"]
     judge = str(value).strip()
     name, _, arg = judge.partition(":")
+    if name == "sorry-bench" and _looks_like_path(arg.strip()) and not Path(arg.strip()).expanduser().is_dir():
+        raise _fail(spec, judge, "no such folder; give the folder that holds the SORRY-Bench judge model, or its "
+                                 "hub id (owner/name)")
     if judge in ("keyword", "learned", "sorry-bench") or (name in ("sorry-bench", "api") and arg.strip()):
         return judge
     if name in ("sorry-bench", "api"):
@@ -213,7 +225,7 @@ def parse_limits(values: list | tuple) -> tuple[tuple[str, float], ...]:
     for raw in values:
         scope, _, rate = str(raw).rpartition("=")
         scope = scope.strip() or "overall"
-        limits.append((scope, _to_float(spec, rate, 0.0, 1.0)))
+        limits.append((scope, _to_float(spec, rate, 0.0, 1.0, example="0.2")))
     return tuple(limits)
 
 
@@ -238,8 +250,14 @@ def expand_models(specs) -> tuple[str, ...]:
 
 # -- converters: each option's raw value (str from the command line or ini, any type from pyproject.toml)
 # to the setting RunConfig holds; a value that will not do is a one-line ConfigError naming the fix.
-def _int(minimum: int) -> Callable[[OptionSpec, object], int]:
-    return lambda spec, value: _to_int(spec, value, minimum)
+def _int(minimum: int, maximum: int | None = None, why: str = "") -> Callable[[OptionSpec, object], int]:
+    return lambda spec, value: _to_int(spec, value, minimum, maximum, why)
+
+
+# Samples per prompt: each one is a generation for every prompt of the suite and every model, so a typo such
+# as --seeds 1000000000 would run for years; no power figure of the gate needs more than 64.
+MOST_SAMPLES = 256
+_SAMPLES_WHY = "samples per prompt: each adds a generation for every prompt and model"
 
 
 def _float(low: float, high: float) -> Callable[[OptionSpec, object], float]:
@@ -380,12 +398,13 @@ OPTIONS: tuple[OptionSpec, ...] = (
                "seeds). 'demo' runs the built-in demo.", "PATH",
                parse=_models),
     OptionSpec("--seeds", "seeds", "int", 5,
-               "Samples per prompt at each temperature above 0, each with its own seed (default 5).", "N",
-               parse=_int(1)),
+               "Samples per prompt at each temperature above 0, each with its own seed (default 5; at most "
+               f"{MOST_SAMPLES}).", "N",
+               parse=_int(1, MOST_SAMPLES, _SAMPLES_WHY)),
     OptionSpec("--max-seeds", "max_seeds", "int", 0,
                "Adaptive seeding: run --seeds samples everywhere, then raise undecided tests to this many "
-               "(alpha split over the two looks). 0 (default) turns it off.", "N",
-               parse=_int(0)),
+               f"(alpha split over the two looks; at most {MOST_SAMPLES}). 0 (default) turns it off.", "N",
+               parse=_int(0, MOST_SAMPLES, _SAMPLES_WHY)),
     OptionSpec("--temperatures", "temperatures", "floats", (0.0, 0.7),
                "Comma-separated sampling temperatures; 0 is greedy, run once per prompt (default 0,0.7).",
                "T1,T2",

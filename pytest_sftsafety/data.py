@@ -10,13 +10,9 @@ import re
 from pathlib import Path
 
 from .errors import DataError
-from .suite import PROMPT_STYLES, PromptSet, Suite, validate_prompts
+from .suite import PROMPT_STYLES, PromptSet, Suite, style_filename, validate_prompts
 
 HUB_ID = re.compile(r"^(?:hf://)?(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
-
-
-def style_filename(prompt_style: str) -> str:
-    return "question.jsonl" if prompt_style == "base" else f"question_{prompt_style}.jsonl"
 
 
 def _decode(raw: bytes, path: Path) -> str:

@@ -111,6 +111,10 @@ def pin_gpus(device: str, backend: str, gpus_per_worker: int, workers: int, spec
     import sys
 
     if not device.startswith("cuda") or backend == "openai":
+        if gpus_per_worker > 1:
+            where = "the server" if backend == "openai" else f"--device {device}"
+            raise ConfigError(f"--gpus-per-worker {gpus_per_worker}: this run does not place models on GPUs "
+                              f"({where}); drop the option, or run with --device cuda where GPUs are visible")
         return None
     if workers and device != "cuda":
         raise ConfigError(f"--device {device} names one GPU, but with -n each worker gets its own; use --device "

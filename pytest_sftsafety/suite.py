@@ -255,6 +255,11 @@ def _category_matches(field_value: object, category: Category) -> bool:
     return _norm(text) in names
 
 
+def style_filename(prompt_style: str) -> str:
+    """The file of SORRY-Bench's release that holds one prompt style (the base prompts are question.jsonl)."""
+    return "question.jsonl" if prompt_style == "base" else f"question_{prompt_style}.jsonl"
+
+
 def validate_prompts(suite: Suite, rows: list[tuple[int, dict]], source: str, prompt_style: str) -> list[Prompt]:
     """Check SORRY-Bench question rows against the suite and return them as prompts.
 
@@ -309,8 +314,9 @@ def validate_prompts(suite: Suite, rows: list[tuple[int, dict]], source: str, pr
 
     if not prompts:
         have = ", ".join(sorted(styles_present)) or "none"
+        other = f", or pass --prompt-style {next(iter(styles_present))}" if len(styles_present) == 1 else ""
         raise DataError(f"{source} has no prompts of style '{prompt_style}' (styles found: {have}); "
-                        f"point --sftsafety-data at question_{prompt_style}.jsonl or the folder holding it")
+                        f"point --sftsafety-data at {style_filename(prompt_style)} or the folder holding it{other}")
     counts: dict[int, int] = {}
     first_row: dict[int, int] = {}
     for prompt in prompts:

@@ -114,3 +114,18 @@ def test_auto_device_is_resolved_without_torch(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert resolved_device("auto") == "cpu" and resolved_dtype("auto", "cpu") == "float32"
     assert resolved_dtype("auto", "cuda:1") == "bfloat16" and resolved_device("cuda:1") == "cuda:1"
+
+
+def test_asking_for_a_gpu_where_none_is_visible_says_so(monkeypatch):
+    import torch
+
+    from pytest_sftsafety.backends.hf import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # hides every GPU, whatever the machine has
+    with pytest.raises(ModelLoadError, match=r"^--device cuda: this machine has no visible GPU \(no NVIDIA device, "
+                                             r"or CUDA_VISIBLE_DEVICES hides them all\); pass --device cpu"):
+        pick_device("cuda")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    with pytest.raises(ModelLoadError, match=r"a GPU is visible but (this torch build cannot use CUDA|torch cannot reach it)"):
+        pick_device("cuda")

@@ -28,11 +28,15 @@ def test_values_from_strings_as_ini_gives_them():
 @pytest.mark.parametrize("values, message", [
     ({"seeds": "0"}, "--seeds 0: must be >= 1, e.g. --seeds 5"),
     ({"seeds": "2.5"}, "--seeds 2.5: must be a whole number >= 1"),
+    ({"seeds": "1000000000"}, "--seeds 1000000000: must be at most 256 (samples per prompt: each adds a generation "
+                              "for every prompt and model), e.g. --seeds 5"),
+    ({"seeds": "2", "max_seeds": "300"}, "--max-seeds 300: must be at most 256"),
     ({"temperatures": "0,-0.7"}, "temperature -0.7 is outside [0, 5]"),
     ({"temperatures": "0,hot"}, "'hot' is not a number; use e.g. --temperatures 0,0.7"),
     ({"temperatures": "0.7,0.7"}, "temperature 0.7 is listed twice"),
     ({"temperatures": "nan"}, "temperature nan is outside [0, 5]"),
     ({"min_p": "1.5"}, "--min-p 1.5: must be a number in [0, 1]"),
+    ({"max_fulfillment": ["1.5"]}, "--max-fulfillment 1.5: must be a number in [0, 1], e.g. --max-fulfillment 0.2"),
     ({"min_p": "x"}, "--min-p x: must be a number in [0, 1]"),
     ({"max_new_tokens": "0"}, "--max-new-tokens 0: must be >= 1"),
     ({"batch_size": "-4"}, "--batch-size -4: must be >= 1"),
@@ -42,6 +46,9 @@ def test_values_from_strings_as_ini_gives_them():
     ({"judge": "oracle"}, "--judge oracle: unknown judge; use one of learned, keyword, sorry-bench[:PATH], api:MODEL"),
     ({"prompt_style": "yelling"}, "--prompt-style yelling: use base or one of question, slang"),
     ({"judge": "api:"}, "--judge api:: give the model name after the colon, e.g. --judge api:gpt-4o"),
+    ({"judge": "sorry-bench:/missing/folder"}, "--judge sorry-bench:/missing/folder: no such folder; give the folder "
+                                              "that holds the SORRY-Bench judge model, or its hub id (owner/name)"),
+    ({"judge": "sorry-bench:./judge"}, "--judge sorry-bench:./judge: no such folder"),
     ({"judge_mode": "sample"}, "--judge-mode sample: use logits or decode"),
     ({"judge_batch_size": "0"}, "--judge-batch-size 0: must be >= 1"),
     ({"judge_concurrency": "many"}, "--judge-concurrency many: must be a whole number >= 1"),

@@ -148,6 +148,11 @@ def test_prompt_styles_from_a_folder(tmp_path, suite, rows):
         load_prompts(suite, str(tmp_path), "role_play")
     with pytest.raises(DataError, match=r"has no prompts of style 'morse' \(styles found: base\)"):
         load_prompts(suite, str(tmp_path / "question.jsonl"), "morse")
+    # A style's own file without --prompt-style: the base file's real name, and the style that is there.
+    with pytest.raises(DataError, match=r"has no prompts of style 'base' \(styles found: slang\); point "
+                                        r"--sftsafety-data at question\.jsonl or the folder holding it, or pass "
+                                        r"--prompt-style slang$"):
+        load_prompts(suite, str(tmp_path / "question_slang.jsonl"), "base")
     with pytest.raises(DataError, match=r"unknown --prompt-style 'shouting'; use base or one of"):
         load_prompts(suite, str(tmp_path), "shouting")
 

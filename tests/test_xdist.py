@@ -17,6 +17,7 @@ from pytest_sftsafety.distributed import (
     auto_workers,
     check_gpu_workers,
     claimable,
+    pin_gpus,
     pin_worker_specs,
     process_alive,
     run_shards,
@@ -236,6 +237,13 @@ def test_visible_gpus_follow_the_mask_and_stop_where_cuda_stops(tmp_path):
     for name in ("nvidia0", "nvidia1", "nvidiactl", "nvidia-uvm"):
         (tmp_path / name).touch()
     assert visible_gpus({}, tmp_path) == ["0", "1"]
+
+
+def test_gpus_per_worker_on_the_cpu_is_a_usage_error_not_ignored():
+    with pytest.raises(ConfigError, match=r"^--gpus-per-worker 2: this run does not place models on GPUs \(--device "
+                                          r"cpu\); drop the option, or run with --device cuda where GPUs are visible$"):
+        pin_gpus("cpu", "transformers", 2, 0, [])
+    assert pin_gpus("cpu", "transformers", 1, 2, ["popen", "popen"]) is None  # the default: nothing to pin
 
 
 def test_gpu_groups_index_into_the_mask_and_never_past_it():

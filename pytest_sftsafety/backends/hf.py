@@ -24,9 +24,16 @@ def pick_device(device: str) -> str:
     torch must agree with it, or stored answers would be attributed to the wrong device and dtype."""
     chosen = resolved_device(device)
     if chosen.startswith("cuda") and not torch.cuda.is_available():
+        from ..distributed import visible_gpus
+
         flag = "auto" if device == "auto" else device
-        raise ModelLoadError(f"--device {flag}: a GPU is visible but this torch build cannot use CUDA; install a "
-                             f"CUDA build of torch or pass --device cpu")
+        if not visible_gpus():
+            raise ModelLoadError(f"--device {flag}: this machine has no visible GPU (no NVIDIA device, or "
+                                 f"CUDA_VISIBLE_DEVICES hides them all); pass --device cpu or run where a GPU is")
+        why = "this torch build cannot use CUDA" if torch.version.cuda is None else \
+            "torch cannot reach it (check the NVIDIA driver)"
+        raise ModelLoadError(f"--device {flag}: a GPU is visible but {why}; install a CUDA build of torch or "
+                             f"pass --device cpu")
     return chosen
 
 
