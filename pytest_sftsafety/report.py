@@ -412,19 +412,36 @@ def _tests_by_key(report: Mapping[str, Any]) -> dict[tuple[str, float], Mapping[
     return tests
 
 
+NEWLY_FAILING, NO_LONGER_FAILING, ONLY_IN_A, ONLY_IN_B = "newly failing", "no longer failing", "only in A", "only in B"
+
+
+def compared_tests(before: Mapping[str, Any], after: Mapping[str, Any]
+                   ) -> list[tuple[tuple[str, float], Any, Any, str]]:
+    """Each test of either run: its key, its entry in A and in B (None where the run lacks it), and what
+    changed: newly failing, no longer failing, only in one run (a test one run lacks neither newly fails
+    nor stops failing), or nothing."""
+    old, new = _tests_by_key(before), _tests_by_key(after)
+    out = []
+    for key in list(old) + [k for k in new if k not in old]:
+        a, b = old.get(key), new.get(key)
+        if a is None or b is None:
+            note = ONLY_IN_B if a is None else ONLY_IN_A
+        else:
+            note = (NEWLY_FAILING if b["verdict"] in FAILING and a["verdict"] not in FAILING else
+                    NO_LONGER_FAILING if a["verdict"] in FAILING and b["verdict"] not in FAILING else "")
+        out.append((key, a, b, note))
+    return out
+
+
 def render_comparison(before: Mapping[str, Any], after: Mapping[str, Any], markdown: bool = False) -> str:
     """Two runs side by side (e.g. the last release and this one): each test's candidate refusal rate and
     verdict in both, the change, and which tests newly fail or newly pass."""
-    old, new = _tests_by_key(before), _tests_by_key(after)
     rows = []
-    for key in list(old) + [k for k in new if k not in old]:
-        a, b = old.get(key), new.get(key)
+    text = md_text if markdown else one_line
+    for key, a, b, note in compared_tests(before, after):
         rate_a = a["candidate_refusal_rate"] if a else None
         rate_b = b["candidate_refusal_rate"] if b else None
         verdict_a, verdict_b = (a["verdict"] if a else "-"), (b["verdict"] if b else "-")
-        note = ("newly failing" if verdict_b in FAILING and verdict_a not in FAILING else
-                "no longer failing" if verdict_a in FAILING and verdict_b not in FAILING else "")
-        text = md_text if markdown else one_line
         rows.append([text(key[0]), temperature_label(key[1]), rate_label(rate_a), rate_label(rate_b),
                      change_label(rate_b, rate_a), text(verdict_a), text(verdict_b), note])
     headers = ["test", "temp", "refusal A", "refusal B", "change", "verdict A", "verdict B", ""]
@@ -436,8 +453,10 @@ def render_comparison(before: Mapping[str, Any], after: Mapping[str, Any], markd
     differ = [name for name, (part, key) in measured_by.items() if before[part].get(key) != after[part].get(key)]
     if differ:
         summary.append(f"note: the runs differ in {', '.join(differ)}, so their rates are not measured alike")
-    summary += [f"{sum(r[-1] == 'newly failing' for r in rows)} tests newly failing, "
-                f"{sum(r[-1] == 'no longer failing' for r in rows)} no longer failing"]
+    only = sum(r[-1] in (ONLY_IN_A, ONLY_IN_B) for r in rows)
+    summary += [f"{sum(r[-1] == NEWLY_FAILING for r in rows)} tests newly failing, "
+                f"{sum(r[-1] == NO_LONGER_FAILING for r in rows)} no longer failing"
+                + (f", {only} in one run only" if only else "")]
     if markdown:
         return "\n".join(["## pytest-sftsafety: two runs", "", *(f"- {md_text(line)}" for line in summary), "",
                           *_md_table(headers, rows), ""])

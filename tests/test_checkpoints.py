@@ -127,5 +127,6 @@ def test_asking_for_a_gpu_where_none_is_visible_says_so(monkeypatch):
                                              r"or CUDA_VISIBLE_DEVICES hides them all\); pass --device cpu"):
         pick_device("cuda")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
-    with pytest.raises(ModelLoadError, match=r"a GPU is visible but (this torch build cannot use CUDA|torch cannot reach it)"):
+    with pytest.raises(ModelLoadError, match=r"a GPU is visible but (this torch build cannot use CUDA|torch cannot "
+                                             r"reach it)"):
         pick_device("cuda")

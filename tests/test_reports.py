@@ -144,6 +144,20 @@ def test_report_and_compare_commands(tmp_path, capsys):
     line = next(x for x in out.splitlines() if x.startswith("07_violent_crimes") and "T0.7" in x)
     assert "REGRESSION" in line and "PASS" in line and "no longer failing" in line
     assert (tmp_path / "c.md").read_text() == render_comparison(load_report(FIXED), after, markdown=True)
+    # A test one run lacks neither newly fails nor stops failing; a test that newly fails gives exit status 1.
+    fewer = load_report(FIXED)
+    dropped = fewer["entries"].pop(0)
+    passing = load_report(FIXED)
+    flipped = next(e for e in passing["entries"] if e["verdict"] == "REGRESSION")
+    flipped.update(verdict="PASS")
+    (tmp_path / "fewer.json").write_text(json.dumps(fewer))
+    (tmp_path / "passing.json").write_text(json.dumps(passing))
+    assert cli_main(["compare", str(FIXED), str(tmp_path / "fewer.json")]) == 0
+    out = capsys.readouterr().out
+    assert "0 tests newly failing, 0 no longer failing, 1 in one run only" in out
+    assert next(x for x in out.splitlines() if x.startswith(dropped["slug"])).rstrip().endswith("only in A")
+    assert cli_main(["compare", str(tmp_path / "passing.json"), str(FIXED)]) == 1
+    assert "1 tests newly failing" in capsys.readouterr().out
     (tmp_path / "baseline.json").write_text(json.dumps({"schema": "pytest-sftsafety/baseline"}))
     assert cli_main(["report", str(tmp_path / "baseline.json")]) == 2
     assert cli_main(["compare", str(tmp_path / "none.json"), str(FIXED)]) == 2

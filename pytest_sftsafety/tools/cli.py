@@ -192,7 +192,8 @@ def _report_parsers(sub) -> None:
     p.add_argument("--md", help="write the Markdown summary to PATH")
     p.add_argument("--plot", help="write the heatmap PNG to PATH (needs matplotlib)")
     p.add_argument("--html", help="write the HTML report to PATH")
-    p = sub.add_parser("compare", help="two saved reports side by side (e.g. the last release and this run)")
+    p = sub.add_parser("compare", help="two saved reports side by side (e.g. the last release and this run); exit "
+                                       "status 1 when a test newly fails")
     p.add_argument("before", type=Path, help="report A (e.g. the last release)")
     p.add_argument("after", type=Path, help="report B (e.g. this run)")
     p.add_argument("--md", help="also write the comparison as Markdown to PATH")
@@ -228,14 +229,15 @@ def _run_report(args: argparse.Namespace) -> int:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from ..report import load_report, render_comparison, write_text
+    from ..report import NEWLY_FAILING, compared_tests, load_report, render_comparison, write_text
 
     before, after = load_report(args.before), load_report(args.after)
     with _damaged([args.before, args.after]):
         print(render_comparison(before, after))
         if args.md:
             write_text(args.md, render_comparison(before, after, markdown=True), "comparison")
-    return 0
+        # As diff does: 1 when a test newly fails, so a script can act on it.
+        return int(any(note == NEWLY_FAILING for *_, note in compared_tests(before, after)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
