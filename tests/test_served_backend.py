@@ -421,3 +421,17 @@ def test_a_backend_is_released_before_a_local_judge_model_loads(toy_models, judg
         finally:
             store.close()
         assert events[0] == ("release" if released else "judge") and "judge" in events
+
+
+def test_an_answer_whose_content_is_not_text_is_an_error_not_its_repr():
+    """A chat answer's content is text or a list of text parts; a JSON object there would be judged as its
+    Python repr, an answer the model never gave."""
+    from pytest_sftsafety.backends.openai_api import _reply
+
+    def document(content):
+        return {"choices": [{"message": {"content": content}, "finish_reason": "stop"}]}
+
+    assert _reply(document([{"type": "text", "text": "I can"}, {"type": "text", "text": "not."}, {"text": 7}]),
+                  "the server").text == "I cannot."
+    with pytest.raises(EndpointError, match=r"^the server answered with content that is a JSON dict, not text"):
+        _reply(document({"refusal": "no"}), "the server")

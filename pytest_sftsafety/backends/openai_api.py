@@ -365,7 +365,11 @@ def _reply(document: dict, describe: str) -> ChatReply:
     # OpenAI puts a model's own refusal in `refusal` with no content; it is still the model's answer.
     text = message.get("content") or message.get("refusal") or ""
     if isinstance(text, list):  # content parts
-        text = "".join(part.get("text", "") for part in text if isinstance(part, dict))
+        text = "".join(part["text"] for part in text if isinstance(part, dict) and isinstance(part.get("text"), str))
+    elif not isinstance(text, str):
+        # Judged as its repr, a JSON object would read as an answer the model never gave.
+        raise EndpointError(f"{describe} answered with content that is a JSON {type(text).__name__}, not text; "
+                            f"check that the URL points at a chat-completions API")
     usage = document.get("usage") if isinstance(document.get("usage"), dict) else {}
 
     def count(key: str) -> int | None:
