@@ -162,11 +162,12 @@ def test_a_killed_worker_loses_only_its_item_in_flight_and_the_rerun_comes_from_
                   "--sftsafety-json", "crashed.json")
     output = crashed.stdout.str()
     assert "worker 'gw0' crashed while running" in output
-    assert crashed.ret == pytest.ExitCode.TESTS_FAILED
+    assert crashed.ret == pytest.ExitCode.INTERNAL_ERROR  # a crashed worker is the run's fault, not the model's
     committed = int((pytester.path / "gw0_committed.txt").read_text())
     assert 0 < committed <= 16  # two batches of at most 8 made it to the store before the kill
     report = json.loads((pytester.path / "crashed.json").read_text())
     workers = report["run"]["workers"]
+    assert report["run"]["incomplete"] is True and len(report["run"]["faults"]) == 1  # the item in flight
     assert "gw0" not in workers and "gw1" in workers  # gw1 (and gw0's replacement) finished the run
     # Nothing generated twice: what survived of gw0 was taken over, not redone.
     assert sum(w["generated"] for w in workers.values()) == 440 * 3 * 2 - committed
