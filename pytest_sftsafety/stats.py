@@ -519,11 +519,14 @@ def tarone_holm_rows(pvalues: np.ndarray, min_pvalues: np.ndarray, alpha: float)
     m = p.shape[1]
     if m == 0:
         return p.copy()
-    ks = np.arange(1, m + 1)
-    reachable = (floor[:, :, None] <= alpha / ks[None, None, :]).sum(axis=1)  # [run, K]: m(K)
-    fits = reachable <= ks[None, :]
-    fits[:, -1] = True
-    k = ks[fits.argmax(axis=1)]  # the smallest K with m(K) <= K
+    # The smallest K with m(K) <= K in each row, K by K (memory of one [run, test] array at a time).
+    k = np.full(p.shape[0], m)
+    found = np.zeros(p.shape[0], dtype=bool)
+    for size in range(1, m):
+        fits = ~found & ((floor <= alpha / size).sum(axis=1) <= size)
+        k[fits], found = size, found | fits
+        if found.all():
+            break
     testable = floor <= alpha / k[:, None]
     within = np.where(testable, p, np.inf)
     order = np.argsort(within, axis=1, kind="stable")
