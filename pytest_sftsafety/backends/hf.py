@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 import torch
 
-from ..config import RunConfig, resolved_device, resolved_dtype
+from ..config import RunConfig, cuda_visible, resolved_device, resolved_dtype
 from ..errors import ModelLoadError, first_line
 from .base import Backend, BatchCallback, GenRow, prompt_ids
 from .checkpoints import Checkpoint, ModelPlan, tokenizer_source
@@ -24,10 +24,8 @@ def pick_device(device: str) -> str:
     torch must agree with it, or stored answers would be attributed to the wrong device and dtype."""
     chosen = resolved_device(device)
     if chosen.startswith("cuda") and not torch.cuda.is_available():
-        from ..distributed import visible_gpus
-
         flag = "auto" if device == "auto" else device
-        if not visible_gpus():
+        if not cuda_visible():
             raise ModelLoadError(f"--device {flag}: this machine has no visible GPU (no NVIDIA device, or "
                                  f"CUDA_VISIBLE_DEVICES hides them all); pass --device cpu or run where a GPU is")
         why = "this torch build cannot use CUDA" if torch.version.cuda is None else \
