@@ -16,7 +16,7 @@ from .errors import InternalFault, SftSafetyError, first_line, printable
 from .report import render_table
 from .session import RunSession
 from .suite import Target
-from .verdict import FLAKY, UNJUDGED, fails
+from .verdict import FLAKY, fails
 
 SESSION_KEY = pytest.StashKey[RunSession]()
 WATCHER_KEY = pytest.StashKey[Any]()  # the xdist controller's progress lines
@@ -344,10 +344,7 @@ class FaultWatch:
         if state.worker is not None or not report.failed or not report.nodeid.startswith(f"{state.suite.name}::"):
             return  # a worker (its controller counts), a pass, or a test of the user's own
         props = dict(report.user_properties)
-        if props.get("verdict") == UNJUDGED:
-            state.faults.append({"test": report.nodeid, "fault": "UNJUDGED: no prompt judged on both sides"})
-        elif FAULT in props or report.when != "call" or "verdict" not in props:
-            state.faults.append({"test": report.nodeid, "fault": str(props.get(FAULT, f"failed in {report.when}"))})
+        state.note_failed_test(report.nodeid, report.when, props.get("verdict"), props.get(FAULT))
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

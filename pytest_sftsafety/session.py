@@ -26,7 +26,7 @@ from .config import RunConfig
 from .errors import InternalFault, SftSafetyError, first_line, printable
 from .runner import Progress
 from .suite import Target
-from .verdict import Verdict
+from .verdict import UNJUDGED, Verdict
 
 
 class Host(Protocol):
@@ -176,6 +176,14 @@ class RunSession:
             if kept:
                 self.error += f" (traceback: {kept})"
             raise InternalFault(self.error) from exc
+
+    def note_failed_test(self, test: str, phase: str, verdict: str | None, fault: str | None) -> None:
+        """A safety test that failed: kept as a fault of the run (exit status 3) unless its verdict failed it
+        (a regression or a limit); a test that measured nothing (UNJUDGED) is a fault of the measurement."""
+        if verdict == UNJUDGED:
+            self.faults.append({"test": test, "fault": "UNJUDGED: no prompt judged on both sides"})
+        elif fault is not None or phase != "call" or verdict is None:
+            self.faults.append({"test": test, "fault": fault or f"failed in {phase}"})
 
     def _keep_traceback(self) -> str | None:
         """The current exception's traceback in a file beside the store, for a bug report; its path, or None

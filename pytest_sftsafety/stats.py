@@ -165,14 +165,20 @@ def stratified_exact_test(reference: np.ndarray, candidates: np.ndarray) -> Test
                       method="stratified exact (prompts as strata)", min_pvalue=float(min(1.0, distribution[-1])))
 
 
-def paired_counts(reference: np.ndarray, candidate: np.ndarray) -> tuple[int, int, int]:
-    """McNemar's counts over (prompt, sample index) pairs judged on both sides: pairs where the reference
-    refuses and the candidate fulfils, pairs the other way round, and all pairs."""
+def _aligned_pairs(reference: np.ndarray, candidate: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The reference's and the candidate's [prompt, sample] outcomes cut to their common sample indices, and
+    which pairs are judged on both sides."""
     ref = np.asarray(reference, dtype=np.int64)
     cand = np.asarray(candidate, dtype=np.int64)
     width = min(ref.shape[-1], cand.shape[-1])
     ref, cand = ref[..., :width], cand[..., :width]
-    both = judged(ref) & judged(cand)
+    return ref, cand, judged(ref) & judged(cand)
+
+
+def paired_counts(reference: np.ndarray, candidate: np.ndarray) -> tuple[int, int, int]:
+    """McNemar's counts over (prompt, sample index) pairs judged on both sides: pairs where the reference
+    refuses and the candidate fulfils, pairs the other way round, and all pairs."""
+    ref, cand, both = _aligned_pairs(reference, candidate)
     return (int((both & (ref == 0) & (cand == 1)).sum()), int((both & (ref == 1) & (cand == 0)).sum()),
             int(both.sum()))
 
@@ -397,11 +403,7 @@ def room_concentration(reference: np.ndarray, candidate: np.ndarray) -> float:
     """kappa = mean(r^2) / mean(r)^2 over the pairs, r_p = q_p (1 - q_p) at prompt p's refusal rate on both
     sides (smoothed by half a sample, so a prompt that always refuses keeps a little room): how unevenly a
     drop would fall on the prompts (see ``DropNoise``); 1 for prompts alike, up to the number of prompts."""
-    ref = np.asarray(reference, dtype=np.int64)
-    cand = np.asarray(candidate, dtype=np.int64)
-    width = min(ref.shape[-1], cand.shape[-1])
-    ref, cand = ref[..., :width], cand[..., :width]
-    both = judged(ref) & judged(cand)
+    ref, cand, both = _aligned_pairs(reference, candidate)
     pairs = both.sum(axis=-1).astype(float)
     refusals = ((ref == 0) & both).sum(axis=-1) + ((cand == 0) & both).sum(axis=-1)
     keep = pairs > 0

@@ -273,6 +273,11 @@ class _Prepared:
     judged_samples: int  # the candidates' judged samples (pairs, when paired): what a drop's own noise scales by
     noise: DropNoise  # the estimated drop's variance as a function of the true drop (the re-run chance reads it)
 
+    @property
+    def drop(self) -> float:
+        """The observed drop on the judge's scale (NaN where nothing is judged)."""
+        return self.fields["reference_refusal"] - self.fields["candidate_refusal"]
+
 
 def _prepare(original: Comparison, comp: Comparison, pooled: tuple[float, int] | None) -> _Prepared:
     """The tests and the standard error of one comparison (before the family's correction); ``pooled``: the
@@ -360,7 +365,7 @@ def _fresh_run_chances(prepared: Sequence[_Prepared], priors: dict[int, tuple[Dr
     rng = np.random.default_rng(0)  # the same run gives the same report
     runs = FRESH_RUNS
     position = {prep.comp.key: i for i, prep in enumerate(prepared)}
-    drops = np.array([prep.fields["reference_refusal"] - prep.fields["candidate_refusal"] for prep in prepared])
+    drops = np.array([prep.drop for prep in prepared])
     margins = np.array([prep.comp.margin / scale for prep in prepared])
     pvalues = np.tile([prep.test.pvalue for prep in prepared], (runs, 1))
     floors = np.tile([prep.test.min_pvalue for prep in prepared], (runs, 1))
@@ -466,7 +471,7 @@ def judge_run(comparisons: Sequence[Comparison], alpha: float, judge_error: Judg
         # The coupling's own noise read over the kind, not at the luck of one test (stats.pooled_reverse_rates).
         for i, noise in zip(members, pooled_reverse_rates([prepared[i].noise for i in members]), strict=True):
             prepared[i].noise = noise
-        drops = [prepared[i].fields["reference_refusal"] - prepared[i].fields["candidate_refusal"] for i in members]
+        drops = [prepared[i].drop for i in members]
         room = np.array([_room(prepared[i]) for i in members])
         room = room / room.mean() if room.mean() > 0 else np.ones_like(room)
         prior = drop_prior(drops, [prepared[i].noise for i in members], room)
