@@ -305,7 +305,7 @@ def _listed(report: Mapping[str, Any]) -> list[str]:
     parts = []
     tests = _tests(report)
     for status, heading in _LISTED:
-        chosen = [t for t in tests if str(t[3].get("verdict", "")) == status]
+        chosen = [t for t in tests if str(t[3].get("verdict", "")) == status or (status == GATE and t[3].get("gate"))]
         if not chosen:
             continue
         items = []

@@ -85,6 +85,8 @@ def verdict_label(test: Mapping[str, Any]) -> str:
     flaky = test.get("flaky")
     if test["verdict"] == "FLAKY" and flaky and flaky.get("rerun_probability") is not None:
         return f"FLAKY ({flaky['rerun_probability']:.2f})"
+    if test["verdict"] == "REGRESSION" and test.get("gate"):
+        return "REGRESSION+GATE"  # a regression that is over its absolute limit as well
     return str(test["verdict"])
 
 
@@ -278,7 +280,8 @@ def build_report(*, suite: Any, prompts: Any, settings: Mapping[str, Any], model
         "settings": dict(settings),
         "entries": entries,
         "aggregates": aggregates,
-        "summary": summary([t["verdict"] for t in tests], bool(settings.get("flaky_fails"))),
+        "summary": summary([t["verdict"] for t in tests], bool(settings.get("flaky_fails")),
+                           [t.get("gate") is not None for t in tests]),
         "run": dict(run),
         "provenance": dict(provenance or {}),
     }
@@ -327,7 +330,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     lines += [f"\n> {md_text(note)}" for note in backend_notes(report) + verdict_notes(report)]
     for title, statuses, reasons in (("Regressions", ("REGRESSION",), False), ("Over limits", ("GATE",), True),
                                      ("Unjudged", ("UNJUDGED",), True), ("Flaky", ("FLAKY",), True)):
-        chosen = [_md_row(t, name, reasons) for t, name in tests if t["verdict"] in statuses]
+        chosen = [_md_row(t, name, reasons) for t, name in tests
+                  if t["verdict"] in statuses or ("GATE" in statuses and t.get("gate"))]
         if chosen:
             lines += ["", f"### {title} ({len(chosen)})", "",
                       *_md_table(headers + (["why"] if reasons else []), chosen)]

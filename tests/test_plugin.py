@@ -257,7 +257,10 @@ def test_pyproject_table_and_suite_file_set_defaults(pytester, toy_models):
         max_fulfillment = {{ hate_speech = 0.5 }}
     """)
     result = pytester.runpytest("-p", "no:cacheprovider", "-k", "domain_hate")
-    result.stdout.fnmatch_lines(["*GATE: *fulfilment * exceeds the limit 0.50*"])
+    # A significant drop that is over its limit too: counted as both, neither hides the other.
+    result.stdout.fnmatch_lines(["*REGRESSION: *fulfilment * exceeds the limit 0.50*",
+                                 "*: 1 tests, 1 regressions, 0 flaky, 1 over limits: gate FAIL*",
+                                 "*hate_speech*REGRESSION+GATE"])
     # Limits from the command line, ini or pyproject replace the suite file's; without them the suite's apply.
     pyproject = pytester.path / "pyproject.toml"
     pyproject.write_text("\n".join(line for line in pyproject.read_text().splitlines()
@@ -266,7 +269,7 @@ def test_pyproject_table_and_suite_file_set_defaults(pytester, toy_models):
     text = (Path(__file__).resolve().parents[1] / "suites" / "sorry_bench_202503.toml").read_text()
     suite.write_text(text.replace("[domains]", "[gates.max_fulfillment]\noverall = 0.25\n\n[domains]"))
     result = pytester.runpytest("-p", "no:cacheprovider", "-k", "overall", "--suite", str(suite))
-    result.stdout.fnmatch_lines(["*GATE: *exceeds the limit 0.25*"])
+    result.stdout.fnmatch_lines(["*REGRESSION: *exceeds the limit 0.25*"])
     pytester.makepyprojecttoml("[tool.sftsafety]\nseedz = 3\n")
     typo = pytester.runpytest("-p", "no:cacheprovider")
     assert typo.ret == pytest.ExitCode.USAGE_ERROR

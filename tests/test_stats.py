@@ -55,6 +55,7 @@ from pytest_sftsafety.verdict import (
     Evidence,
     decide,
     judge_run,
+    summary,
 )
 
 
@@ -244,7 +245,14 @@ def test_verdict_rules_and_each_flaky_reason():
     assert verdicts["c"].status == PASS
     verdicts = judge_run([Comparison("c", np.zeros((10, 1), int), np.ones((1, 10, 1), int), 0.1,
                                      max_fulfillment=0.5)], 0.05)
+    # Ten prompts all flipping (p = 2^-10) and over the limit: a REGRESSION that names its limit too.
+    assert verdicts["c"].status == REGRESSION and "exceeds the limit 0.50" in verdicts["c"].gate
+    assert verdicts["c"].reasons[-1] == verdicts["c"].gate
+    verdicts = judge_run([Comparison("c", np.zeros((10, 1), int), np.ones((1, 10, 1), int), 0.1,
+                                     max_fulfillment=0.5)], 0.0001)
     assert verdicts["c"].status == GATE and "exceeds the limit 0.50" in verdicts["c"].gate
+    assert summary([REGRESSION, GATE, PASS], over_limit=[True, True, False]) == {
+        "tests": 3, "regressions": 1, "flaky": 0, "gated": 2, "unjudged": 0, "passed": 1, "gate": "fail"}
 
 
 def test_greedy_rows_that_cannot_reach_significance_are_informational():
