@@ -113,5 +113,13 @@ def check_compatible(baseline: Baseline, ident: Mapping[str, Any], cells: list[t
     missing = [cell for cell in cells if cell not in baseline.cells]
     if missing:
         category, temperature = missing[0]
+        its_temperatures = {t for _, t in baseline.cells}
+        if temperature in its_temperatures:
+            # The temperature is there for other categories: the baseline's run selected fewer tests.
+            held = sorted({c for c, _ in baseline.cells})
+            shown = ", ".join(map(str, held[:8])) + (", ..." if len(held) > 8 else "")
+            raise ConfigError(f"--baseline {baseline.path} has no outcomes for category {category} (it holds "
+                              f"categories {shown}: its run selected fewer tests with -k or -m); make the baseline "
+                              f"without -k/-m, or select only tests it covers")
         raise ConfigError(f"--baseline {baseline.path} has no outcomes for category {category} at temperature "
                           f"{temperature:g}; make the baseline with the same --temperatures and suite")

@@ -44,6 +44,11 @@ def test_baselines_from_other_settings_are_refused(pytester, toy_models):
                      "-m", "hate_speech", *extra)
         assert result.ret == pytest.ExitCode.USAGE_ERROR, extra
         (result.stderr if message.startswith("ERROR") else result.stdout).fnmatch_lines([message])
+    # Saved under -m hate_speech, used for another selection: the message names the selection, not temperatures.
+    other = run(pytester, toy_models, "--model", str(toy_models.answer_all), "--baseline", "base.json", "-k", "07_")
+    assert other.ret == pytest.ExitCode.USAGE_ERROR
+    other.stdout.fnmatch_lines(["*--baseline base.json has no outcomes for category 7 (it holds categories 1, *: its "
+                                "run selected fewer tests with -k or -m); make the baseline without -k/-m*"])
     (pytester.path / "report.json").write_text('{"schema": "pytest-sftsafety/report"}')
     wrong = run(pytester, toy_models, "--model", str(toy_models.answer_all), "--baseline", "report.json")
     wrong.stderr.fnmatch_lines(["ERROR: --baseline report.json: not a baseline file*"])
