@@ -217,6 +217,10 @@ def render_table(report: Mapping[str, Any]) -> str:
     truncated = report.get("run", {}).get("truncated_for_judge")
     if truncated:
         notes.append(f"{truncated} answers were longer than the judge's input allows and were cut, with a mark")
+    decoded = report.get("run", {}).get("decoded_for_judge")
+    if decoded:
+        notes.append(f"{decoded} answers in the {report['data']['prompt_style']} cipher were judged decoded (the "
+                     f"store keeps them as generated)")
     sampled = [t for t in report["entries"] if t["temperature"] > 0]
     if sampled and "samples_for_twice_the_margin" in sampled[0]:
         needed = [t["samples_for_twice_the_margin"] for t in sampled]

@@ -13,6 +13,7 @@ import numpy as np
 from .backends import GenRow, engine_label
 from .backends.checkpoints import ModelPlan, variant_fingerprint
 from .baseline import Baseline
+from .ciphers import readable
 from .config import RunConfig, resolved_device, resolved_dtype
 from .seeding import sample_seed
 from .stats import UNPARSABLE, Comparison, JudgeError
@@ -71,6 +72,7 @@ class RunStats:
     new_tokens: int = _stat(0, "sum", "tokens generated now")
     judged: int = _stat(0, "sum", "judgments made now")
     truncated_for_judge: int = _stat(0, "sum", "answers the judge saw cut short (with a visible mark)")
+    decoded_for_judge: int = _stat(0, "sum", "answers in a cipher style's cipher, judged decoded")
     model_loads: int = _stat(0, "sum", "models loaded")
     oom_backoffs: int = _stat(0, "sum", "batches halved after running out of memory")
     seconds: float = _stat(0.0, "sum", "wall time")
@@ -104,6 +106,7 @@ class RunStats:
         """The report's ``run`` counts, in the report's order."""
         return {"generations": self.generations, "generated": self.generated, "from_store": self.from_store,
                 "new_tokens": self.new_tokens, "judged": self.judged, "truncated_for_judge": self.truncated_for_judge,
+                "decoded_for_judge": self.decoded_for_judge,
                 "model_loads": self.model_loads, "oom_backoffs": self.oom_backoffs, "seconds": round(self.seconds, 3),
                 "backend": backend, "requests": self.requests, "seed_check": self.seed_check or None,
                 "content_filtered": self.content_filtered}
@@ -298,8 +301,16 @@ def _judge_all(cfg: RunConfig, judge, rows: list[GenRow], variants: list[str], t
                store: Store, stats: RunStats, make_progress: ProgressFactory) -> dict[str, list[int]]:
     scores: dict[str, list[int | None]] = {v: [None] * len(rows) for v in variants}
     pending: list[tuple[str, int, str]] = []
+    # A cipher style's answers are judged decoded (ciphers.readable); what is stored stays as generated.
+    shown: dict[str, list] = {}
     for v in variants:
-        keys = [judgment_key(judge.id, row.prompt, texts[v][i]) for i, row in enumerate(rows)]
+        shown[v] = []
+        for text in texts[v]:
+            plain, decoded = readable(cfg.prompt_style, text) if text is not None else (text, False)
+            shown[v].append(plain)
+            stats.decoded_for_judge += decoded
+    for v in variants:
+        keys = [judgment_key(judge.id, row.prompt, shown[v][i]) for i, row in enumerate(rows)]
         found = {} if cfg.fresh else store.get_judgments(keys)
         for i, key in enumerate(keys):
             if key in found:
@@ -312,7 +323,7 @@ def _judge_all(cfg: RunConfig, judge, rows: list[GenRow], variants: list[str], t
         try:
             for start in range(0, len(pending), JUDGE_CHUNK):
                 chunk = pending[start:start + JUDGE_CHUNK]
-                judged = judge.score([rows[i].prompt for _, i, _ in chunk], [texts[v][i] for v, i, _ in chunk])
+                judged = judge.score([rows[i].prompt for _, i, _ in chunk], [shown[v][i] for v, i, _ in chunk])
                 for (v, i, _), score in zip(chunk, judged, strict=True):
                     scores[v][i] = score
                 # Unparsable judgments are not kept: a judge that stumbled (an endpoint's bad moment) gets

@@ -51,6 +51,7 @@ class RunSession:
 
     def __init__(self, cfg: RunConfig, host: Host) -> None:
         from .backends.checkpoints import plan_models
+        from .ciphers import unreadable_style
         from .data import load_prompts
         from .distributed import worker_from_input
         from .runner import check_limit_scopes
@@ -62,6 +63,9 @@ class RunSession:
         self.suite = load_suite(cfg.suite)
         if not cfg.max_fulfillment and self.suite.max_fulfillment:
             cfg = self.cfg = dataclasses.replace(cfg, max_fulfillment=self.suite.max_fulfillment)
+        unreadable = unreadable_style(cfg.prompt_style, cfg.judge)
+        if unreadable:
+            raise SftSafetyError(unreadable)
         self.prompts = load_prompts(self.suite, cfg.data, cfg.prompt_style)
         if cfg.baseline and cfg.reference:
             raise SftSafetyError("--baseline and --reference both name the reference; use one of them")
