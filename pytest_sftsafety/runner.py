@@ -199,6 +199,7 @@ def run(cfg: RunConfig, prompts: PromptSet, cells: Sequence[Cell], plan: ModelPl
                     texts[v][i] = found[key][0]
     missing = {v: [i for i, t in enumerate(texts[v]) if t is None] for v in variants}
     total_missing = sum(len(m) for m in missing.values())
+    store.require_writable(total_missing, "answers")
     if total_missing:
         # The caller owns the backend (it may serve several runs with one model load) and closes it.
         backend = backend_factory()
@@ -317,6 +318,7 @@ def _judge_all(cfg: RunConfig, judge, rows: list[GenRow], variants: list[str], t
                 scores[v][i] = found[key]
             else:
                 pending.append((v, i, key))
+    store.require_writable(len(pending), "judgments")
     if pending:
         truncated = judge.truncated
         bar = make_progress(len(pending), "judging")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -25,6 +26,11 @@ BUSY_TIMEOUT_MS = 60_000
 
 class StoreError(SftSafetyError):
     """The store file cannot be used; the message says what to do with it."""
+
+
+def _writable(path: Path) -> bool:
+    # SQLite writes the file and, in WAL mode, files beside it; access() also says no on a read-only disk.
+    return os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)
 
 
 def content_key(*parts: object) -> str:
@@ -57,6 +63,10 @@ class Store:
     def __init__(self, path: str | Path, busy_timeout_s: float = BUSY_TIMEOUT_MS / 1000) -> None:
         self.path = Path(path)
         self.busy_timeout_s = busy_timeout_s
+        self.read_only = self.path.is_file() and not _writable(self.path)
+        if self.read_only:
+            self._open_read_only()
+            return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None)
@@ -86,6 +96,33 @@ class Store:
         if version != SCHEMA_VERSION:
             raise StoreError(f"result store {self.path} has format {version}, this version reads {SCHEMA_VERSION}; "
                              f"move the file away or pass --sftsafety-store NEW_PATH")
+
+    def _open_read_only(self) -> None:
+        """A store on a read-only disk or without write permission: read, never written. A run whose
+        results are all stored needs nothing else; ``require_writable`` stops one that has work to keep
+        before it does any. WAL needs a shared-memory file beside the store, which may be impossible to
+        create here; then the file is read as immutable (nobody can write it either)."""
+        last: sqlite3.Error | None = None
+        for mode in ("mode=ro", "immutable=1"):
+            try:
+                self._db = sqlite3.connect(f"{self.path.resolve().as_uri()}?{mode}", uri=True,
+                                           timeout=self.busy_timeout_s, isolation_level=None)
+                version = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+                break
+            except sqlite3.Error as exc:
+                last = exc
+        else:
+            raise self._explain(last) from None  # type: ignore[arg-type]
+        if version is None or version[0] != SCHEMA_VERSION:
+            raise StoreError(f"result store {self.path} (read-only) has format {version and version[0]}, this "
+                             f"version reads {SCHEMA_VERSION}; pass --sftsafety-store NEW_PATH")
+
+    def require_writable(self, count: int, what: str) -> None:
+        """Refuse, before the work starts, to make ``count`` new results that a read-only store cannot keep."""
+        if self.read_only and count:
+            raise StoreError(f"result store {self.path} is read-only and this run has {count} {what} to make and "
+                             f"keep; make it writable, or pass --sftsafety-store NEW_PATH (a copy of this one "
+                             f"keeps what it holds)")
 
     def _enable_wal(self) -> None:
         """Switch to WAL (persistent in the file). SQLite answers a concurrent switch with "locked" at once,
@@ -138,6 +175,8 @@ class Store:
         return found
 
     def _put(self, sql: str, rows: Iterable[tuple]) -> None:
+        rows = list(rows)
+        self.require_writable(len(rows), "results")
         try:
             with self._transaction():
                 self._db.executemany(sql, rows)
@@ -188,7 +227,7 @@ class Store:
         hashes = self.file_hashes()
         known = dict(hashes)
         out = use(hashes)
-        if hashes != known:
+        if hashes != known and not self.read_only:  # a cache: a read-only store hashes again next time
             self.put_file_hashes({k: v for k, v in hashes.items() if known.get(k) != v})
         return out
 

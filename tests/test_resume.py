@@ -118,3 +118,44 @@ def test_interrupted_run_stops_cleanly_with_every_finished_batch_stored(pytester
                                  "--sftsafety-json", "resumed.json")
     run = json.loads((pytester.path / "resumed.json").read_text())["run"]
     assert resumed.ret == pytest.ExitCode.TESTS_FAILED and run["from_store"] == kept
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder that can be made read-only: by permissions for a normal user; root ignores those, so for root a
+    small file system remounted read-only."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        def freeze():
+            for path in folder.iterdir():
+                path.chmod(0o444)
+            folder.chmod(0o555)
+        yield folder, freeze
+        folder.chmod(0o755)
+        return
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("root without permission to mount a small file system: no read-only folder can be made")
+    try:
+        yield folder, lambda: subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_read_only_store_serves_a_run_it_holds_and_refuses_new_work_before_doing_any(pytester, toy_models,
+                                                                                        read_only_folder):
+    folder, freeze = read_only_folder
+    store = str(folder / "store.sqlite")
+    args = ["--model", str(toy_models.answer_all), "--sftsafety-data", str(toy_models.data_202503), *ARGS,
+            "-k", "01_ or 02_", "--sftsafety-store", store]
+    cold = pytester.runpytest(*args, "--sftsafety-json", "cold.json")
+    freeze()
+    warm = pytester.runpytest(*args, "--sftsafety-json", "warm.json")
+    assert warm.ret == cold.ret == pytest.ExitCode.TESTS_FAILED
+    assert entries(pytester.path / "warm.json") == entries(pytester.path / "cold.json")
+    assert json.loads((pytester.path / "warm.json").read_text())["run"]["generated"] == 0
+    more = pytester.runpytest(*args[:-4], "-k", "01_ or 03_", "--sftsafety-store", store)
+    assert more.ret == pytest.ExitCode.USAGE_ERROR
+    more.stdout.fnmatch_lines([f"*result store {store} is read-only and this run has 60 answers to make and keep; "
+                               "make it writable, or pass --sftsafety-store NEW_PATH*"])
+    assert "generating" not in more.stdout.str() and "Traceback" not in more.stdout.str()
