@@ -24,6 +24,11 @@ class TerminalProgress:
         self._bar = None
         self._reporter = config.pluginmanager.getplugin("terminalreporter")
         self._printed = -1
+        if self.mode == "lines" and self._reporter is not None and total:
+            # The work ahead, at once: a long run in a CI log must not stay silent for its first 30 s.
+            with self._uncaptured():
+                self._reporter.write_line(f"sftsafety {label}: {total} requests to make (a line every "
+                                          f"{LINE_EVERY_S:.0f} s)")
         if self.mode == "bar":
             from tqdm import tqdm
 

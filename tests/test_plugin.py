@@ -199,7 +199,8 @@ def test_progress_lines_in_logs_and_silence_under_quiet(pytester, toy_models, mo
     args = ["--model", str(toy_models.keeps_refusing), "-k", "violent", "--temperatures", "0"]
     loud = pytester.runpytest("--sftsafety-data", str(toy_models.data_202503), "-p", "no:cacheprovider",
                               "--sftsafety-store", "store.sqlite", *args)
-    loud.stdout.fnmatch_lines(["sftsafety generating: 10/20 requests, * tokens/s",
+    loud.stdout.fnmatch_lines(["sftsafety generating: 20 requests to make (a line every 0 s)",
+                               "sftsafety generating: 10/20 requests, * tokens/s",
                                "sftsafety generating: 20/20 requests, * tokens/s",
                                "sftsafety judging: 20/20 requests, *"])
     assert loud.stdout.str().count("generating: 20/20") == 1
