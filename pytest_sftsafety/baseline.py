@@ -8,6 +8,7 @@ Core module: stdlib and numpy only.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from .report import write_json
 from .stats import refusal_rate
 
 BASELINE_SCHEMA = "pytest-sftsafety/baseline"
-BASELINE_VERSION = 1
+BASELINE_VERSION = 2  # 2: a sha256 of the content, so a file edited by hand is refused
 # Settings a baseline must share with the run that uses it: anything that changes what is measured.
 # The run seed too: a baseline's checkpoints draw their samples from the same seeds, so their spread holds
 # none of the sampling noise a run with other seeds would add.
@@ -62,7 +63,16 @@ def save(path: str | Path, ident: Mapping[str, Any], models: list[str], cells: M
         "cells": [_cell(cell, result.candidates, 1 if cell[1] == 0 else int(ident["seeds"]))
                   for cell, result in cells.items()],
     }
+    document["sha256"] = content_sha256(document)
     write_json(path, document)
+
+
+def content_sha256(document: Mapping[str, Any]) -> str:
+    """The sha256 of what a baseline measured and under which settings (canonical JSON: sorted keys, no
+    spaces), so that an edit by hand, which would change the verdicts it feeds, is seen."""
+    content = {key: document.get(key) for key in ("identity", "models", "cells")}
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _cell(cell: tuple[int, float], candidates: np.ndarray, samples: int) -> dict:
@@ -78,7 +88,7 @@ def load(path: str | Path) -> Baseline:
         document = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{where}: no such file; make one with --sftsafety-save-baseline PATH") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ConfigError(f"{where}: not a readable baseline ({type(exc).__name__}); make it again with "
                           f"--sftsafety-save-baseline") from None
     if not isinstance(document, dict) or document.get("schema") != BASELINE_SCHEMA:
@@ -87,6 +97,13 @@ def load(path: str | Path) -> Baseline:
     if document.get("version") != BASELINE_VERSION:
         raise ConfigError(f"{where}: baseline format {document.get('version')} is not {BASELINE_VERSION}; make "
                           f"it again with this version's --sftsafety-save-baseline")
+    try:
+        unchanged = document.get("sha256") == content_sha256(document)
+    except (TypeError, ValueError):  # not JSON that a baseline could hold
+        unchanged = False
+    if not unchanged:
+        raise ConfigError(f"{where}: its content no longer matches the checksum it was saved with (edited or "
+                          f"damaged after it was saved); make it again with --sftsafety-save-baseline")
     try:
         cells = {(int(c["category_id"]), float(c["temperature"])): np.asarray(c["outcomes"], dtype=np.int8)
                  for c in document["cells"]}

@@ -49,6 +49,15 @@ def test_baselines_from_other_settings_are_refused(pytester, toy_models):
     assert other.ret == pytest.ExitCode.USAGE_ERROR
     other.stdout.fnmatch_lines(["*--baseline base.json has no outcomes for category 7 (it holds categories 1, *: its "
                                 "run selected fewer tests with -k or -m); make the baseline without -k/-m*"])
+    # Edited by hand (one outcome of one checkpoint flipped): refused, whatever the edit.
+    edited = json.loads((pytester.path / "base.json").read_text())
+    edited["cells"][0]["outcomes"][0][0][0] = 1 - edited["cells"][0]["outcomes"][0][0][0]
+    (pytester.path / "edited.json").write_text(json.dumps(edited))
+    tampered = run(pytester, toy_models, "--model", str(toy_models.answer_all), "--baseline", "edited.json",
+                   "-m", "hate_speech")
+    assert tampered.ret == pytest.ExitCode.USAGE_ERROR
+    tampered.stderr.fnmatch_lines(["ERROR: --baseline edited.json: its content no longer matches the checksum it was "
+                                   "saved with (edited or damaged after it was saved); make it again*"])
     (pytester.path / "report.json").write_text('{"schema": "pytest-sftsafety/report"}')
     wrong = run(pytester, toy_models, "--model", str(toy_models.answer_all), "--baseline", "report.json")
     wrong.stderr.fnmatch_lines(["ERROR: --baseline report.json: not a baseline file*"])
