@@ -3,6 +3,7 @@ pass per variant (each batch stored as soon as it is done), judge, and build ver
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -15,6 +16,7 @@ from .backends.checkpoints import ModelPlan, variant_fingerprint
 from .baseline import Baseline
 from .ciphers import readable
 from .config import RunConfig, resolved_device, resolved_dtype
+from .errors import ModelLoadError
 from .seeding import sample_seed
 from .stats import UNPARSABLE, Comparison, JudgeError
 from .store import Store, content_key, text_hash
@@ -187,7 +189,8 @@ def run(cfg: RunConfig, prompts: PromptSet, cells: Sequence[Cell], plan: ModelPl
     stats = stats if stats is not None else RunStats()
     stats.generations = len(rows) * len(variants)
 
-    fingerprints = store.with_file_hashes(lambda hashes: {v: variant_fingerprint(plan, v, hashes) for v in variants})
+    hashed = WatchedFiles()
+    fingerprints = store.with_file_hashes(lambda hashes: hashed.fingerprints(plan, variants, hashes))
 
     texts: dict[str, list[str | None]] = {v: [None] * len(rows) for v in variants}
     keys = {v: [generation_key(cfg, fingerprints[v], row) for row in rows] for v in variants}
@@ -208,7 +211,7 @@ def run(cfg: RunConfig, prompts: PromptSet, cells: Sequence[Cell], plan: ModelPl
         try:
             for v in variants:
                 if missing[v]:
-                    _generate_variant(backend, v, missing[v], rows, keys[v], texts[v], store, stats, bar)
+                    _generate_variant(backend, v, missing[v], rows, keys[v], texts[v], store, stats, bar, hashed)
         finally:
             bar.close()
             stats.model_loads = backend.loads - loads
@@ -279,8 +282,11 @@ def couples(cfg: RunConfig, baseline: Baseline | None, store: Store, fingerprint
 
 
 def _generate_variant(backend, variant: str, missing: list[int], rows: list[GenRow], keys: list[str],
-                      texts: list[str | None], store: Store, stats: RunStats, bar: Progress) -> None:
+                      texts: list[str | None], store: Store, stats: RunStats, bar: Progress,
+                      hashed: WatchedFiles | None = None) -> None:
     def on_batch(batch: list[int], outputs: list[str | None], new_tokens: list[int]) -> None:
+        if hashed is not None:
+            hashed.check()  # before the batch is stored under a fingerprint its weights may no longer have
         done = {}
         for local, text, count in zip(batch, outputs, new_tokens, strict=True):
             index = missing[local]
@@ -296,6 +302,51 @@ def _generate_variant(backend, variant: str, missing: list[int], rows: list[GenR
         bar.update(len(batch), sum(new_tokens))
 
     backend.generate(variant, [rows[i] for i in missing], on_batch)
+
+
+class WatchedFiles:
+    """The weight and tokenizer files behind a run's fingerprints, as (path, size, mtime) when they were
+    hashed. Answers are stored under the fingerprint, so a checkpoint written to while the run loads or
+    generates (a training job still saving, a copy still arriving) would file answers of other weights
+    under it; ``check`` stops the run before such a batch is stored."""
+
+    def __init__(self) -> None:
+        self.files: set[tuple[str, int, int]] = set()
+
+    def fingerprints(self, plan: ModelPlan, variants: Sequence[str], hashes: dict) -> dict[str, str]:
+        seen = _Recording(hashes)
+        out = {v: variant_fingerprint(plan, v, seen) for v in variants}
+        hashes.update(seen)
+        self.files |= seen.used
+        return out
+
+    def check(self) -> None:
+        for path, size, mtime_ns in self.files:
+            try:
+                stat = os.stat(path)
+                now = (stat.st_size, stat.st_mtime_ns)
+            except OSError:
+                now = None
+            if now != (size, mtime_ns):
+                raise ModelLoadError(f"{path} changed during the run (after its sha256 identified the answers); "
+                                     f"nothing generated since was stored; run again once the checkpoint is "
+                                     f"complete")
+
+
+class _Recording(dict):
+    """A file-hash cache that notes which (path, size, mtime) keys were asked for or added."""
+
+    def __init__(self, base: dict) -> None:
+        super().__init__(base)
+        self.used: set[tuple[str, int, int]] = set()
+
+    def __contains__(self, key: object) -> bool:
+        self.used.add(key)  # type: ignore[arg-type]
+        return super().__contains__(key)
+
+    def __setitem__(self, key, value) -> None:
+        self.used.add(key)
+        super().__setitem__(key, value)
 
 
 def _judge_all(cfg: RunConfig, judge, rows: list[GenRow], variants: list[str], texts: dict[str, list],

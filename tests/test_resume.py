@@ -159,3 +159,28 @@ def test_a_read_only_store_serves_a_run_it_holds_and_refuses_new_work_before_doi
     more.stdout.fnmatch_lines([f"*result store {store} is read-only and this run has 60 answers to make and keep; "
                                "make it writable, or pass --sftsafety-store NEW_PATH*"])
     assert "generating" not in more.stdout.str() and "Traceback" not in more.stdout.str()
+
+
+def test_an_adapter_written_to_during_the_run_stops_it_before_its_answers_are_stored(pytester, toy_models):
+    """Answers are stored under the sha256 of the weights: when the adapter file changes mid-run (a training
+    job still saving), the run stops with one line and no batch made after the change is stored."""
+    import shutil
+
+    adapter = shutil.copytree(toy_models.answer_all, pytester.path / "adapter")
+    weights = adapter / "adapter_model.safetensors"
+    store = pytester.path / "store.sqlite"
+    command = [sys.executable, "-m", "pytest", "--model", str(adapter), "--base-model", str(toy_models.base),
+               "--sftsafety-data", str(toy_models.data_202503), *ARGS, "--sftsafety-store", str(store),
+               "--batch-size", "8"]
+    proc = subprocess.Popen(command, cwd=pytester.path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while stored_generations(store) < 16 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    weights.write_bytes(weights.read_bytes())  # the same bytes, written again: a new modification time
+    kept = stored_generations(store)
+    output, _ = proc.communicate(timeout=240)
+    assert proc.returncode == pytest.ExitCode.USAGE_ERROR, output[-2000:]
+    assert f"{weights} changed during the run (after its sha256 identified the answers); nothing generated " \
+           f"since was stored" in output
+    assert "Traceback" not in output
+    assert kept <= stored_generations(store) <= kept + 8  # at most the batch being stored at that instant
