@@ -198,9 +198,11 @@ def claimable(claim: Claim | None, host: str, now: float, stale_after_s: float =
         return True
     if claim.state == "done":
         return False
-    if claim.host == host and not process_alive(claim.pid):
-        return True
-    return now - claim.heartbeat > stale_after_s
+    if claim.host == host:
+        # On this host the process table answers, whatever the wall clock does: a clock set forward would
+        # age every heartbeat at once and hand a live worker's shard to another.
+        return not process_alive(claim.pid)
+    return now - claim.heartbeat > stale_after_s  # another host: only its heartbeats tell (clocks in step)
 
 
 class _Heartbeat:
@@ -273,11 +275,12 @@ def run_shards(store: Store, stage: str, shards: int, worker: Worker, work: Call
                 return run
             now = time.time()
             if error is not None:
+                waited = time.monotonic()  # a wait of this process: immune to clock jumps
                 if _someone_working(claims, host, now, stale_after_s):
                     idle_since = None
                 elif idle_since is None:
-                    idle_since = now
-                elif now - idle_since > (give_up_s if len(claims) < shards else takeover_wait_s):
+                    idle_since = waited
+                elif waited - idle_since > (give_up_s if len(claims) < shards else takeover_wait_s):
                     raise error
                 time.sleep(poll_s)
                 continue

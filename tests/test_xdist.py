@@ -293,6 +293,22 @@ def test_claims_of_dead_or_failed_owners_are_taken_over(tmp_path):
     assert claimable(Claim("gw0", host, os.getpid(), now, "failed"), host, now)
     assert not claimable(Claim("gw0", host, dead_pid(), now, "done"), host, now)
     assert process_alive(os.getpid()) and not process_alive(dead_pid())
+    # The clock set an hour forward: a live worker on this host keeps its shard (one elsewhere cannot be told).
+    assert not claimable(Claim("gw0", host, os.getpid(), now, "running"), host, now + 3600, stale_after_s=120)
+
+
+def test_a_failed_worker_gives_up_on_time_when_the_clock_jumps_back(tmp_path, monkeypatch):
+    import pytest_sftsafety.distributed as distributed
+
+    real = time.time
+    calls = iter(range(10**6))
+    # Every reading of the wall clock an hour further back than the last: a wait timed by it never ends.
+    monkeypatch.setattr(distributed.time, "time", lambda: real() - 3600 * next(calls))
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run_shards(Store(tmp_path / "store.sqlite"), "jump", 1, Worker("gw0", 0, 1, "run"), boom, poll_s=0.05,
+                   takeover_wait_s=0.3)
+    assert time.monotonic() - started < 10
 
 
 def test_run_shards_takes_over_a_dead_owner_and_waits_for_a_live_one(tmp_path):
