@@ -163,7 +163,7 @@ def parse_judge_error(value: object) -> JudgeErrorSpec:
         except FileNotFoundError:
             raise _fail(spec, text, "no such file; write one with `sftsafety judge-agreement --judge NAME "
                                     "--labels FILE --json PATH`, or give SENSITIVITY,SPECIFICITY") from None
-        except (OSError, ValueError, KeyError, TypeError, OverflowError):
+        except (OSError, ValueError, KeyError, TypeError, OverflowError, RecursionError):
             raise _fail(spec, text, "not a judge-agreement JSON file with sensitivity and specificity; write "
                                     "one with `sftsafety judge-agreement ... --json PATH`") from None
         source = text

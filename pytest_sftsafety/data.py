@@ -34,6 +34,9 @@ def _rows_jsonl(text: str, path: Path, record: str = "question") -> list[tuple[i
         except json.JSONDecodeError as exc:
             raise DataError(f"{path} row {line_no}: not valid JSON ({exc.msg}); each line must be one "
                             f"{record} object") from None
+        except RecursionError:  # not a ValueError: json gives up on deep nesting with Python's own limit
+            raise DataError(f"{path} row {line_no}: JSON nested too deeply to read; each line must be one flat "
+                            f"{record} object") from None
     return rows
 
 
@@ -42,7 +45,7 @@ def _parse_turns(value: object) -> object:
     if isinstance(value, str) and value.lstrip().startswith("["):
         try:
             return json.loads(value)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             return [value]
     if isinstance(value, str):
         return [value]

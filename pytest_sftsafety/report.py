@@ -399,7 +399,7 @@ def load_report(path: str | os.PathLike[str]) -> dict[str, Any]:
         document = json.loads(where.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SftSafetyError(f"{where}: no such file; write a report with pytest --sftsafety-json PATH") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise SftSafetyError(f"{where}: not a readable JSON report ({type(exc).__name__})") from None
     if not isinstance(document, dict) or document.get("schema") != REPORT_SCHEMA:
         raise SftSafetyError(f"{where}: not a pytest-sftsafety report (a baseline or other JSON file?)")

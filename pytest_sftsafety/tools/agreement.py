@@ -144,6 +144,9 @@ def _records(path: Path) -> list[tuple[int, dict]]:
                 return list(enumerate(json.loads(text), start=1))
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}: not valid JSON ({exc.msg}); give a list of labelled objects") from None
+            except RecursionError:
+                raise DataError(f"{path}: JSON nested too deeply to read; give a list of flat labelled objects") \
+                    from None
         return _rows_jsonl(text, path, record="labelled")
     raise DataError(f"{path}: unknown labels file type '{path.suffix}'; use .csv, .jsonl, .json or .parquet")
 

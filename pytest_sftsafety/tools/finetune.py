@@ -112,6 +112,8 @@ def read_rows(source: str) -> tuple[list[dict], str]:
                 rows = json.loads(_decode(raw, path))
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno}); fix the file") from None
+            except RecursionError:
+                raise DataError(f"{path}: JSON nested too deeply to read; give a list of flat examples") from None
         elif suffix == ".csv":
             import csv
             import io
