@@ -107,6 +107,17 @@ def bad_data(m: Matrix) -> None:
     status, output = m.pytest("--model", str(m.models["adapter"]), "--prompt-style", "yelling")
     m.add("bad input: prompts", "an unknown --prompt-style", status, seen_line(output), ok=status == 4,
           output=output)
+    prompt_past_context(m)
+
+
+def prompt_past_context(m: Matrix) -> None:
+    """A prompt the model's context cannot hold: stopped before the weights load, naming the prompt."""
+    rows = toy.placeholder_questions(SUITE)
+    rows[2]["turns"] = ["Please help me with this, it matters a great deal to me. " * 400]
+    path = toy.write_jsonl(m.work / "bad" / "long.jsonl", rows)
+    status, output = m.pytest("--model", str(m.models["adapter"]), "-k", "01_", "--temperatures", "0", data=path)
+    m.add("bad input: prompts", "a prompt longer than the model's context (2048 tokens)", status, seen_line(output),
+          ok=status == 4 and "question 3 (category 1" in output and "no room for an answer" in output, output=output)
 
 
 def bad_models(m: Matrix) -> None:
@@ -143,10 +154,19 @@ def bad_options(m: Matrix) -> None:
                        ("an unknown --backend", ["--backend", "tgi"])]:
         status, output = m.pytest(*model, *args)
         m.add("bad input: options", case, status, seen_line(output), ok=status == 4, output=output)
+    max_new_tokens_past_context(m)
     saved, _ = m.pytest(*model, "-k", "01_", "--sftsafety-save-baseline", str(m.work / "baseline.json"))
     status, output = m.pytest(*model, "-k", "01_", "--seeds", "3", "--baseline", str(m.work / "baseline.json"))
     m.add("bad input: options", "a baseline made with other settings (--seeds 2, run with 3)", status,
           seen_line(output), ok=saved == 1 and status == 4, output=output)
+
+
+def max_new_tokens_past_context(m: Matrix) -> None:
+    """--max-new-tokens beyond the model's context: stopped before the weights load, naming what fits."""
+    status, output = m.pytest("--model", str(m.models["adapter"]), "-k", "01_", "--temperatures", "0",
+                              "--max-new-tokens", "100000")
+    m.add("bad input: options", "--max-new-tokens 100000 on a 2048-token model", status, seen_line(output),
+          ok=status == 4 and "lower --max-new-tokens to" in output, output=output)
 
 
 def faults(m: Matrix) -> None:

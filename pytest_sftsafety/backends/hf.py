@@ -14,7 +14,7 @@ import torch
 
 from ..config import RunConfig, cuda_visible, resolved_device, resolved_dtype
 from ..errors import ModelLoadError, first_line
-from .base import Backend, BatchCallback, GenRow, prompt_ids
+from .base import Backend, BatchCallback, GenRow, check_rows_fit, prompt_ids
 from .checkpoints import Checkpoint, ModelPlan, tokenizer_source
 from .decoding import decode
 
@@ -90,7 +90,8 @@ class HFBackend(Backend):
         self.dtype = pick_dtype(cfg.dtype, self.device)
         self.spread = self.device == "cuda" and cfg.gpus_per_worker > 1
         self._model = None
-        self._tokenizer = None
+        self._tokenizer = None  # the tokenizer of the variant being (or last) generated
+        self._tokenizers: dict[str, object] = {}  # by source: small, and needed before the weights are loaded
         self._loaded: str | None = None  # "adapters" or a checkpoint spec
         self.loads = 0
         self.oom_backoffs = 0
@@ -137,6 +138,9 @@ class HFBackend(Backend):
         try:
             tok = AutoTokenizer.from_pretrained(source, trust_remote_code=self.cfg.trust_remote_code)
         except Exception as exc:
+            if not self.cfg.trust_remote_code and "trust_remote_code" in str(exc):
+                raise ModelLoadError(f"the tokenizer in {source} needs code of its own (auto_map), which is never "
+                                     f"run by default; pass --trust-remote-code if you trust its author") from None
             raise ModelLoadError(f"no usable tokenizer in {source} ({_short(exc)}); save the tokenizer with the "
                                  f"adapter or the base model") from None
         tok.padding_side = "left"
@@ -144,9 +148,14 @@ class HFBackend(Backend):
             tok.pad_token = tok.eos_token
         return tok
 
+    def _tokenizer_for(self, variant: str):
+        source = tokenizer_source(self.plan, variant)
+        if source not in self._tokenizers:
+            self._tokenizers[source] = self._load_tokenizer(source)
+        return self._tokenizers[source]
+
     def _unload(self) -> None:
         self._model = None
-        self._tokenizer = None
         self._loaded = None
         self._free_memory()
 
@@ -170,7 +179,7 @@ class HFBackend(Backend):
                                      f"({_short(exc)}); pass the right --base-model") from None
         model.eval()
         self._model = model
-        self._tokenizer = self._load_tokenizer(tokenizer_source(self.plan, "candidate:0"))
+        self._tokenizer = self._tokenizer_for("candidate:0")
         self._loaded = "adapters"
 
     def _ensure_checkpoint(self, ckpt: Checkpoint, label: str, variant: str) -> None:
@@ -188,7 +197,7 @@ class HFBackend(Backend):
                                      f"({_short(exc)}); pass the right --base-model") from None
         else:
             self._model = self._load_full(ckpt.path, label, ckpt.pickle_weights)
-        self._tokenizer = self._load_tokenizer(tokenizer_source(self.plan, variant))
+        self._tokenizer = self._tokenizer_for(variant)
         self._loaded = ckpt.spec
 
     @contextmanager
@@ -232,13 +241,17 @@ class HFBackend(Backend):
         """
         if not rows:
             return
+        self._tokenizer = self._tokenizer_for(variant)
+        encoded: dict[str, list[int]] = {}
+        groups: dict[str, list[int]] = {}
+        for index, row in enumerate(rows):
+            if row.prompt not in encoded:
+                encoded[row.prompt] = self._encode(row.prompt)
+            groups.setdefault(row.prompt, []).append(index)
+        # Before the weights load: a prompt that cannot fit the context costs no load and no memory.
+        check_rows_fit(self.plan, variant, encoded, rows, self.cfg.max_new_tokens,
+                       getattr(self._tokenizer, "model_max_length", None))
         with self._variant(variant):
-            encoded: dict[str, list[int]] = {}
-            groups: dict[str, list[int]] = {}
-            for index, row in enumerate(rows):
-                if row.prompt not in encoded:
-                    encoded[row.prompt] = self._encode(row.prompt)
-                groups.setdefault(row.prompt, []).append(index)
             pending = sorted(groups.items(), key=lambda item: -len(encoded[item[0]]))
             eos_ids, pad = self._eos_ids(), self._tokenizer.pad_token_id
             if self.batch_size is None:
@@ -277,6 +290,8 @@ class HFBackend(Backend):
 
     def close(self) -> None:
         self._unload()
+        self._tokenizer = None
+        self._tokenizers.clear()
 
 
 
