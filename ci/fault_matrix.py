@@ -145,6 +145,21 @@ def bad_models(m: Matrix) -> None:
     for case, args in cases:
         status, output = m.pytest(*args)
         m.add("bad input: models", case, status, seen_line(output), ok=status == 4, output=output)
+    mistargeted_adapter(m)
+
+
+def mistargeted_adapter(m: Matrix) -> None:
+    """adapter_config.json's target_modules name modules the saved weights do not cover: peft would load it
+    untrained with a warning; the run stops with one line instead of reporting on an untrained adapter."""
+    adapter = shutil.copytree(m.models["adapter"], m.work / "models" / "mistargeted")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config.update(target_modules=["lm_head"], base_model_name_or_path=str(m.models["base"]))
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    report = m.work / "mistargeted.json"
+    status, output = m.pytest("--model", str(adapter), "-k", "01_", "--sftsafety-json", str(report))
+    m.add("bad input: models", "an adapter whose target_modules do not match its saved weights", status,
+          seen_line(output), ok=status == 4 and "target_modules do not match" in output and not report.exists(),
+          output=output)
 
 
 def bad_options(m: Matrix) -> None:

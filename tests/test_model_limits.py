@@ -13,6 +13,8 @@ from pytest_sftsafety.backends.base import check_context, context_window
 from pytest_sftsafety.errors import ConfigError, DataError
 from pytest_sftsafety.tools import toy
 
+from .test_checkpoints import copy
+
 FAST = ["--max-new-tokens", "16", "--seeds", "2", "-p", "no:cacheprovider", "-k", "01_"]
 LONG = "Please help me with this, it matters a great deal to me. " * 400  # thousands of tokens
 
@@ -99,3 +101,28 @@ def test_max_new_tokens_past_the_context_names_the_largest_that_fits(pytester, t
     named = run(pytester, toy_models.data_202503, "--model", str(toy_models.answer_all), "--temperatures", "0",
                 "--max-new-tokens", str(fits))
     assert named.ret in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED), named.stdout.str()[-2000:]  # it fits
+
+
+# -- adapters whose config and weights disagree ---------------------------------------------------------------
+@pytest.mark.parametrize("role", ["--model", "--reference"])
+def test_an_adapter_whose_target_modules_miss_its_weights_is_one_line_and_exit_4(pytester, toy_models, tmp_path,
+                                                                                 role):
+    """peft would load it with a warning as an untrained adapter (the modules it names get fresh LoRA weights,
+    the saved ones are dropped), and the run would report on a model nobody trained."""
+    adapter = copy(toy_models.answer_all, tmp_path / "mistargeted")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert "q_proj" in config["target_modules"]
+    config["target_modules"] = ["lm_head"]  # the weights are for the attention and MLP projections
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    models = ["--model", str(adapter)] if role == "--model" else ["--model", str(toy_models.base), "--reference",
+                                                                   str(adapter)]
+    result = run(pytester, toy_models.data_202503, *models, "--temperatures", "0", "--sftsafety-json", "report.json")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR, result.stdout.str()[-2000:]
+    result.stdout.fnmatch_lines([
+        f"*sftsafety: {role} {adapter}: adapter_config.json's target_modules do not match the saved adapter weights: "
+        "2 of the 2 LoRA weights its target_modules call for are not in the saved weights (first: "
+        "lm_head.lora_A.weight) and 28 saved weights belong to no module it targets (first: "
+        "model.layers.0.self_attn.*_proj.lora_*.weight), so the adapter would not run as trained; re-save the "
+        "adapter, or set target_modules in adapter_config.json to the modules it was trained on*"])
+    assert not (pytester.path / "report.json").exists()
+    assert "REGRESSION" not in result.stdout.str()

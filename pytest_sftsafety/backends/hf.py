@@ -80,6 +80,50 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first_line(exc)}" if str(exc).strip() else type(exc).__name__
 
 
+def load_adapter(model, base, path: str, name: str, label: str, base_path: str):
+    """Load the adapter at ``path`` as ``name`` (onto ``base`` when ``model`` is None: the first one) and
+    return the PeftModel. peft loads an adapter whose target_modules do not match its saved weights with
+    only a warning: the modules it names get fresh, untrained LoRA weights (lora_B is zero, so they change
+    nothing) and the weights of the modules it does not name are dropped. That is a ModelLoadError here,
+    decided on peft's own load result (``load_adapter`` returns it; ``from_pretrained`` does not, so the
+    first adapter's weights are loaded once more to get it: a second read of the adapter, not of the base)."""
+    from peft import PeftModel
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*adapter keys")  # reported below as one line
+            if model is None:
+                model = PeftModel.from_pretrained(base, path, adapter_name=name, is_trainable=False)
+            loaded = model.load_adapter(path, adapter_name=name, is_trainable=False)
+    except Exception as exc:
+        raise ModelLoadError(f"{label}: the adapter does not fit base {base_path} ({_short(exc)}); pass the right "
+                             f"--base-model") from None
+    missing = list(getattr(loaded, "missing_keys", None) or [])
+    unexpected = list(getattr(loaded, "unexpected_keys", None) or [])
+    if missing or unexpected:
+        called_for = sum(1 for key in model.state_dict() if f".{name}." in key)
+        raise ModelLoadError(adapter_mismatch(label, name, missing, unexpected, called_for))
+    return model
+
+
+def adapter_mismatch(label: str, name: str, missing: list[str], unexpected: list[str], called_for: int) -> str:
+    """One line for an adapter whose adapter_config.json and saved weights disagree (see ``load_adapter``)."""
+
+    def shown(key: str) -> str:  # as the module path reads in the model, without peft's prefix and our name
+        return key.removeprefix("base_model.model.").replace(f".{name}.", ".")
+
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} of the {max(called_for, len(missing))} LoRA weights its target_modules call "
+                     f"for are not in the saved weights (first: {shown(missing[0])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} saved weights belong to no module it targets (first: "
+                     f"{shown(unexpected[0])})")
+    return (f"{label}: adapter_config.json's target_modules do not match the saved adapter weights: "
+            f"{' and '.join(parts)}, so the adapter would not run as trained; re-save the adapter, or set "
+            f"target_modules in adapter_config.json to the modules it was trained on")
+
+
 class HFBackend(Backend):
     """Loads the plan's models lazily and generates for the variants ``candidate:I`` and ``reference``."""
 
@@ -163,20 +207,11 @@ class HFBackend(Backend):
         if self._loaded == "adapters":
             return
         self._unload()
-        from peft import PeftModel
-
         base = self._load_full(self.plan.base, "base model", self.cfg.allow_pickle)
         model = None
         for index, ckpt in enumerate(self.plan.candidates):
-            try:
-                if model is None:
-                    model = PeftModel.from_pretrained(base, ckpt.path, adapter_name=f"candidate:{index}",
-                                                      is_trainable=False)
-                else:
-                    model.load_adapter(ckpt.path, adapter_name=f"candidate:{index}", is_trainable=False)
-            except Exception as exc:
-                raise ModelLoadError(f"--model {ckpt.spec}: the adapter does not fit base {self.plan.base} "
-                                     f"({_short(exc)}); pass the right --base-model") from None
+            model = load_adapter(model, base, ckpt.path, f"candidate:{index}", f"--model {ckpt.spec}",
+                                 self.plan.base)
         model.eval()
         self._model = model
         self._tokenizer = self._tokenizer_for("candidate:0")
@@ -187,14 +222,8 @@ class HFBackend(Backend):
             return
         self._unload()
         if ckpt.kind == "adapter":
-            from peft import PeftModel
-
             base = self._load_full(ckpt.base, "base model", self.cfg.allow_pickle)
-            try:
-                self._model = PeftModel.from_pretrained(base, ckpt.path, is_trainable=False)
-            except Exception as exc:
-                raise ModelLoadError(f"{label} {ckpt.spec}: the adapter does not fit base {ckpt.base} "
-                                     f"({_short(exc)}); pass the right --base-model") from None
+            self._model = load_adapter(None, base, ckpt.path, "default", f"{label} {ckpt.spec}", ckpt.base)
         else:
             self._model = self._load_full(ckpt.path, label, ckpt.pickle_weights)
         self._tokenizer = self._tokenizer_for(variant)
