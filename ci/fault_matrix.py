@@ -146,6 +146,7 @@ def bad_models(m: Matrix) -> None:
         status, output = m.pytest(*args)
         m.add("bad input: models", case, status, seen_line(output), ok=status == 4, output=output)
     mistargeted_adapter(m)
+    no_pad_no_eos(m)
 
 
 def mistargeted_adapter(m: Matrix) -> None:
@@ -160,6 +161,36 @@ def mistargeted_adapter(m: Matrix) -> None:
     m.add("bad input: models", "an adapter whose target_modules do not match its saved weights", status,
           seen_line(output), ok=status == 4 and "target_modules do not match" in output and not report.exists(),
           output=output)
+
+
+def no_pad_no_eos(m: Matrix) -> None:
+    """A tokenizer (and model config) with neither a pad nor an end token: the run works, every answer runs to
+    --max-new-tokens, and the answers do not depend on the batch size (padding is masked out)."""
+    from transformers import AutoTokenizer
+
+    model = shutil.copytree(m.models["base"], m.work / "models" / "no_pad_no_eos")
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.pad_token = tokenizer.eos_token = None
+    tokenizer.save_pretrained(model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(eos_token_id=None, pad_token_id=None)
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "generation_config.json").unlink(missing_ok=True)
+    statuses, reports, outputs = [], [], ""
+    for size in ("1", "8"):
+        report = m.work / f"no_eos_{size}.json"
+        status, output = m.pytest("--model", str(model), "--reference", str(model), "-k", "01_", "--batch-size", size,
+                                  "--sftsafety-samples", "--sftsafety-json", str(report), store=f"no_eos_{size}.sqlite")
+        statuses.append(status)
+        outputs += output
+        reports.append(json.loads(report.read_text()) if report.is_file() else None)
+    same = None not in reports and [e["answers"] for e in reports[0]["entries"]] == \
+        [e["answers"] for e in reports[1]["entries"]]
+    full = None not in reports and all(r["run"]["new_tokens"] == 16 * r["run"]["generated"] for r in reports)
+    m.add("bad input: models", "a tokenizer with neither a pad nor an end-of-sequence token (batch sizes 1, 8)",
+          "/".join(map(str, statuses)), f"runs to a verdict; every answer {16 if full else 'NOT'} tokens long (no end "
+          f"token); {'the same' if same else 'DIFFERENT'} answers at batch sizes 1 and 8", "",
+          ok=bool(all(s in (0, 1) for s in statuses) and same and full), output=outputs)
 
 
 def bad_options(m: Matrix) -> None:

@@ -5,6 +5,7 @@ end-of-sequence token, each on tiny real models: one line and exit status 4, or 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -126,3 +127,43 @@ def test_an_adapter_whose_target_modules_miss_its_weights_is_one_line_and_exit_4
         "adapter, or set target_modules in adapter_config.json to the modules it was trained on*"])
     assert not (pytester.path / "report.json").exists()
     assert "REGRESSION" not in result.stdout.str()
+
+
+# -- a tokenizer with neither a pad nor an end-of-sequence token ----------------------------------------------
+def without_pad_or_eos(source, folder):
+    """A copy of a model whose tokenizer, config and generation config name no pad and no end token."""
+    from transformers import AutoTokenizer
+
+    shutil.copytree(source, folder)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer.pad_token = None
+    tokenizer.eos_token = None
+    tokenizer.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(eos_token_id=None, pad_token_id=None)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "generation_config.json").unlink(missing_ok=True)
+    reloaded = AutoTokenizer.from_pretrained(folder)
+    assert reloaded.pad_token_id is None and reloaded.eos_token_id is None
+    return folder
+
+
+def test_a_tokenizer_without_pad_or_eos_runs_to_max_new_tokens_whatever_the_batch(pytester, toy_models, tmp_path):
+    """No end token: every answer runs to --max-new-tokens. No pad token: any id pads, since padded positions
+    are masked out; so the answers are the same at batch size 1 (no padding) and 7 (padding in most batches)."""
+    model = without_pad_or_eos(toy_models.random, tmp_path / "no_pad_no_eos")  # untrained: varied answers
+    reports = []
+    for size in ("1", "7"):
+        result = run(pytester, toy_models.data_202503, "--model", str(model), "--reference", str(model),
+                     "--temperatures", "0,0.7", "--batch-size", size, "--sftsafety-samples", "--sftsafety-json",
+                     f"r{size}.json", store=f"store{size}.sqlite")
+        assert result.ret in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED), result.stdout.str()[-2000:]
+        result.stdout.fnmatch_lines(["*neither the tokenizer nor the model's generation config names an "
+                                     "end-of-sequence token; every answer runs to --max-new-tokens*"])
+        reports.append(json.loads((pytester.path / f"r{size}.json").read_text()))
+    one, seven = reports
+    assert one["run"]["generated"] == 10 * 3 * 2  # 10 prompts: 1 greedy + 2 samples, candidate and reference
+    assert one["run"]["new_tokens"] == seven["run"]["new_tokens"] == one["run"]["generated"] * 16
+    assert [e["answers"] for e in one["entries"]] == [e["answers"] for e in seven["entries"]]
+    reference = [a for e in one["entries"] for prompt in e["answers"]["reference"] for a in prompt]
+    assert len(reference) == 10 * 3 and len(set(reference)) > 1

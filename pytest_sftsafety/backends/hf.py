@@ -137,6 +137,7 @@ class HFBackend(Backend):
         self._tokenizer = None  # the tokenizer of the variant being (or last) generated
         self._tokenizers: dict[str, object] = {}  # by source: small, and needed before the weights are loaded
         self._loaded: str | None = None  # "adapters" or a checkpoint spec
+        self.warned_no_eos = False
         self.loads = 0
         self.oom_backoffs = 0
         self.batch_size = cfg.batch_size  # None until the first generate sizes it from free memory
@@ -177,6 +178,8 @@ class HFBackend(Backend):
         return model
 
     def _load_tokenizer(self, source: str):
+        """The tokenizer, padding on the left. Without a pad token it pads with the end-of-sequence token;
+        without either it keeps none, and ``_pad_id`` picks one (padded positions are masked out)."""
         from transformers import AutoTokenizer
 
         try:
@@ -188,7 +191,7 @@ class HFBackend(Backend):
             raise ModelLoadError(f"no usable tokenizer in {source} ({_short(exc)}); save the tokenizer with the "
                                  f"adapter or the base model") from None
         tok.padding_side = "left"
-        if tok.pad_token_id is None:
+        if tok.pad_token_id is None and tok.eos_token_id is not None:
             tok.pad_token = tok.eos_token
         return tok
 
@@ -257,10 +260,24 @@ class HFBackend(Backend):
         return prompt_ids(self._tokenizer, prompt)
 
     def _eos_ids(self) -> list[int]:
+        """The tokens that end an answer: the tokenizer's and the generation config's. With none, every answer
+        runs to --max-new-tokens (a model with no end token has no other way to stop)."""
         ids = {self._tokenizer.eos_token_id}
         configured = getattr(getattr(self._model, "generation_config", None), "eos_token_id", None)
         ids.update(configured if isinstance(configured, list) else [configured])
-        return sorted(i for i in ids if i is not None)
+        found = sorted(i for i in ids if i is not None)
+        if not found and not self.warned_no_eos:
+            warnings.warn("neither the tokenizer nor the model's generation config names an end-of-sequence "
+                          "token; every answer runs to --max-new-tokens", stacklevel=2)
+            self.warned_no_eos = True
+        return found
+
+    def _pad_id(self, eos_ids: Sequence[int]) -> int:
+        """The id left padding fills in: the tokenizer's pad token, else an end token, else 0. Any id in the
+        vocabulary is sound: padded positions are masked out of attention and never read back, so the answers
+        do not depend on it (nor on how much padding a batch needs)."""
+        pad = self._tokenizer.pad_token_id
+        return pad if pad is not None else (eos_ids[0] if eos_ids else 0)
 
     def generate(self, variant: str, rows: Sequence[GenRow], on_batch: BatchCallback) -> None:
         """Generate ``rows`` and hand each finished batch to ``on_batch(indices, texts, new_tokens)``.
@@ -282,7 +299,8 @@ class HFBackend(Backend):
                        getattr(self._tokenizer, "model_max_length", None))
         with self._variant(variant):
             pending = sorted(groups.items(), key=lambda item: -len(encoded[item[0]]))
-            eos_ids, pad = self._eos_ids(), self._tokenizer.pad_token_id
+            eos_ids = self._eos_ids()
+            pad = self._pad_id(eos_ids)
             if self.batch_size is None:
                 longest = max(len(ids) for ids in encoded.values()) + self.cfg.max_new_tokens
                 weight_bytes = sum(p.numel() * p.element_size() for p in self._model.parameters())
