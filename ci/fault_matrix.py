@@ -107,6 +107,17 @@ def bad_data(m: Matrix) -> None:
     status, output = m.pytest("--model", str(m.models["adapter"]), "--prompt-style", "yelling")
     m.add("bad input: prompts", "an unknown --prompt-style", status, seen_line(output), ok=status == 4,
           output=output)
+    prompt_past_context(m)
+
+
+def prompt_past_context(m: Matrix) -> None:
+    """A prompt the model's context cannot hold: stopped before the weights load, naming the prompt."""
+    rows = toy.placeholder_questions(SUITE)
+    rows[2]["turns"] = ["Please help me with this, it matters a great deal to me. " * 400]
+    path = toy.write_jsonl(m.work / "bad" / "long.jsonl", rows)
+    status, output = m.pytest("--model", str(m.models["adapter"]), "-k", "01_", "--temperatures", "0", data=path)
+    m.add("bad input: prompts", "a prompt longer than the model's context (2048 tokens)", status, seen_line(output),
+          ok=status == 4 and "question 3 (category 1" in output and "no room for an answer" in output, output=output)
 
 
 def bad_models(m: Matrix) -> None:
@@ -134,6 +145,52 @@ def bad_models(m: Matrix) -> None:
     for case, args in cases:
         status, output = m.pytest(*args)
         m.add("bad input: models", case, status, seen_line(output), ok=status == 4, output=output)
+    mistargeted_adapter(m)
+    no_pad_no_eos(m)
+
+
+def mistargeted_adapter(m: Matrix) -> None:
+    """adapter_config.json's target_modules name modules the saved weights do not cover: peft would load it
+    untrained with a warning; the run stops with one line instead of reporting on an untrained adapter."""
+    adapter = shutil.copytree(m.models["adapter"], m.work / "models" / "mistargeted")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config.update(target_modules=["lm_head"], base_model_name_or_path=str(m.models["base"]))
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    report = m.work / "mistargeted.json"
+    status, output = m.pytest("--model", str(adapter), "-k", "01_", "--sftsafety-json", str(report))
+    m.add("bad input: models", "an adapter whose target_modules do not match its saved weights", status,
+          seen_line(output), ok=status == 4 and "target_modules do not match" in output and not report.exists(),
+          output=output)
+
+
+def no_pad_no_eos(m: Matrix) -> None:
+    """A tokenizer (and model config) with neither a pad nor an end token: the run works, every answer runs to
+    --max-new-tokens, and the answers do not depend on the batch size (padding is masked out)."""
+    from transformers import AutoTokenizer
+
+    model = shutil.copytree(m.models["base"], m.work / "models" / "no_pad_no_eos")
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.pad_token = tokenizer.eos_token = None
+    tokenizer.save_pretrained(model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(eos_token_id=None, pad_token_id=None)
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "generation_config.json").unlink(missing_ok=True)
+    statuses, reports, outputs = [], [], ""
+    for size in ("1", "8"):
+        report = m.work / f"no_eos_{size}.json"
+        status, output = m.pytest("--model", str(model), "--reference", str(model), "-k", "01_", "--batch-size", size,
+                                  "--sftsafety-samples", "--sftsafety-json", str(report), store=f"no_eos_{size}.sqlite")
+        statuses.append(status)
+        outputs += output
+        reports.append(json.loads(report.read_text()) if report.is_file() else None)
+    same = None not in reports and [e["answers"] for e in reports[0]["entries"]] == \
+        [e["answers"] for e in reports[1]["entries"]]
+    full = None not in reports and all(r["run"]["new_tokens"] == 16 * r["run"]["generated"] for r in reports)
+    m.add("bad input: models", "a tokenizer with neither a pad nor an end-of-sequence token (batch sizes 1, 8)",
+          "/".join(map(str, statuses)), f"runs to a verdict; every answer {16 if full else 'NOT'} tokens long (no end "
+          f"token); {'the same' if same else 'DIFFERENT'} answers at batch sizes 1 and 8", "",
+          ok=bool(all(s in (0, 1) for s in statuses) and same and full), output=outputs)
 
 
 def bad_options(m: Matrix) -> None:
@@ -143,10 +200,19 @@ def bad_options(m: Matrix) -> None:
                        ("an unknown --backend", ["--backend", "tgi"])]:
         status, output = m.pytest(*model, *args)
         m.add("bad input: options", case, status, seen_line(output), ok=status == 4, output=output)
+    max_new_tokens_past_context(m)
     saved, _ = m.pytest(*model, "-k", "01_", "--sftsafety-save-baseline", str(m.work / "baseline.json"))
     status, output = m.pytest(*model, "-k", "01_", "--seeds", "3", "--baseline", str(m.work / "baseline.json"))
     m.add("bad input: options", "a baseline made with other settings (--seeds 2, run with 3)", status,
           seen_line(output), ok=saved == 1 and status == 4, output=output)
+
+
+def max_new_tokens_past_context(m: Matrix) -> None:
+    """--max-new-tokens beyond the model's context: stopped before the weights load, naming what fits."""
+    status, output = m.pytest("--model", str(m.models["adapter"]), "-k", "01_", "--temperatures", "0",
+                              "--max-new-tokens", "100000")
+    m.add("bad input: options", "--max-new-tokens 100000 on a 2048-token model", status, seen_line(output),
+          ok=status == 4 and "lower --max-new-tokens to" in output, output=output)
 
 
 def faults(m: Matrix) -> None:

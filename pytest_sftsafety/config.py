@@ -414,7 +414,8 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("--top-p", "top_p", "float", 1.0, "Nucleus (top-p) sampling cut-off in (0, 1] (default 1, off).", "P",
                parse=_to_top_p),
     OptionSpec("--max-new-tokens", "max_new_tokens", "int", 256,
-               "Longest answer generated per prompt, in tokens (default 256).", "N",
+               "Longest answer generated per prompt, in tokens (default 256); the longest prompt plus N must fit "
+               "the model's context.", "N",
                parse=_int(1)),
     OptionSpec("--base-model", "base_model", "str", None,
                "Base model for the adapters (overrides base_model_name_or_path in adapter_config.json).",

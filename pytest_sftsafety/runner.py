@@ -166,11 +166,13 @@ def plan_rows(cfg: RunConfig, prompts: PromptSet, cells: Sequence[Cell],
     rows: list[GenRow] = []
     for cell in cells:
         category_id, temperature = cell
+        category = prompts.suite.category(category_id)
         for p_index, prompt in enumerate(prompts.by_category[category_id]):
+            label = f"question {prompt.question_id} (category {category_id}, {category.name})"  # for errors
             for sample in range(samples_of(cfg, cell, extra_samples)):
                 slots.append(_Slot(cell, p_index, sample))
                 seed = sample_seed(cfg.run_seed, prompt.key, sample) if temperature > 0 else 0
-                rows.append(GenRow(prompt.text, temperature, seed))
+                rows.append(GenRow(prompt.text, temperature, seed, label))
     return slots, rows
 
 

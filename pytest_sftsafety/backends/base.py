@@ -4,17 +4,23 @@ and the engine labels that key stored answers. Heavy libraries are imported insi
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from ..errors import ConfigError, DataError
+from .checkpoints import ModelPlan, model_config, weights_source
 
 
 @dataclass(frozen=True)
 class GenRow:
-    """One generation: the user prompt, its temperature and the seed of this sample."""
+    """One generation: the user prompt, its temperature and the seed of this sample. ``label`` names the
+    prompt in errors (e.g. ``question 17 (category 2, Threatening Words)``); it takes no part in what is
+    generated."""
 
     prompt: str
     temperature: float
     seed: int
+    label: str = field(default="", compare=False)
 
 
 # Bump when decoding changes what a (model, prompt, settings, seed) produces: stored results are keyed by it.
@@ -106,3 +112,77 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
                                              tokenize=False)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     return tokenizer(PLAIN_FORMAT.format(prompt=prompt))["input_ids"]
+
+
+# Where model configs record how many positions the model was built for (the names vLLM reads as well).
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length",
+                "max_seq_length", "seq_len", "n_ctx")
+# A tokenizer's model_max_length at or above this is transformers' placeholder for "not set" (1e30).
+_UNSET_LENGTH = 10**9
+
+
+def context_window(config: Mapping | None, tokenizer_max: int | None = None) -> int | None:
+    """The tokens (prompt and answer together) a model can attend over, from its ``config.json`` values.
+
+    The model's config decides: the smallest of the CONTEXT_KEYS it sets (of its ``text_config`` for a model
+    that nests one), stretched by a linear, dynamic or YaRN rope scaling factor as vLLM stretches it. The
+    tokenizer's ``model_max_length`` counts only when the config sets none of these and it is a real value:
+    tokenizers often carry a stale or conservative copy (or transformers' 1e30 placeholder), while the
+    positions are a property of the weights. None when neither says (then nothing is checked).
+    """
+    config = config or {}
+    text = config.get("text_config") if isinstance(config.get("text_config"), Mapping) else config
+    limits = [v for k in CONTEXT_KEYS if isinstance(v := text.get(k), int) and not isinstance(v, bool) and v > 0]
+    if not limits:
+        real = isinstance(tokenizer_max, int) and 0 < tokenizer_max < _UNSET_LENGTH
+        return tokenizer_max if real else None
+    limit = min(limits)
+    rope = text.get("rope_scaling") or text.get("rope_parameters")
+    if isinstance(rope, Mapping) and (rope.get("rope_type") or rope.get("type")) in ("linear", "dynamic", "yarn"):
+        factor = rope.get("factor")
+        if isinstance(factor, (int, float)) and factor > 1:
+            original = rope.get("original_max_position_embeddings")
+            start = original if isinstance(original, int) and original > 0 else limit
+            limit = max(limit, int(start * factor))
+    return limit
+
+
+def check_context(prompts: Sequence[tuple[int, str]], max_new_tokens: int, context: int | None,
+                  model: str) -> None:
+    """Stop before any generation when a prompt and its answer cannot fit the model's context.
+
+    ``prompts``: (tokens as the model sees them, label) per prompt; ``context``: see ``context_window``
+    (None: unknown, nothing checked); ``model``: the weights it belongs to, for the message. Past its context
+    a model attends over positions it was never built for (or fails), and a prompt far past it can spend
+    minutes and gigabytes before anything shows; so a prompt that leaves no room is a DataError naming it, and
+    one that leaves less room than --max-new-tokens a ConfigError naming the largest value that fits.
+    """
+    if context is None or not prompts:
+        return
+    longest, label = max(prompts, key=lambda item: item[0])
+    if longest + max_new_tokens <= context:
+        return
+    named = label or "a prompt"
+    if longest >= context:
+        over = sum(1 for tokens, _ in prompts if tokens >= context)
+        more = f"; {over - 1} other prompt(s) are too long as well" if over > 1 else ""
+        raise DataError(f"{named} is {longest} tokens long as the model sees it (chat template included), which "
+                        f"leaves no room for an answer in the {context}-token context of {model}{more}; shorten it "
+                        f"or remove it from the prompt file, or test a model with a longer context")
+    room = context - longest
+    fix = f"lower --max-new-tokens to {room}" + ("" if max_new_tokens >= context else " or shorten that prompt")
+    raise ConfigError(f"--max-new-tokens {max_new_tokens}: the longest prompt, {named}, is {longest} tokens long "
+                      f"and leaves room for {room} new tokens in the {context}-token context of {model}; {fix}")
+
+
+def check_rows_fit(plan: ModelPlan, variant: str, encoded: Mapping[str, Sequence[int]], rows: Sequence[GenRow],
+                   max_new_tokens: int, tokenizer_max: int | None = None) -> None:
+    """``check_context`` for the rows a backend is about to generate for ``variant`` (``encoded``: their
+    prompts' token ids), against the context of the weights it runs on, read from config.json: called before
+    the weights are loaded, so a prompt that cannot fit costs no load, no time and no memory."""
+    labels: dict[str, str] = {}
+    for row in rows:
+        labels.setdefault(row.prompt, row.label)
+    source, named = weights_source(plan, variant)
+    check_context([(len(ids), labels.get(prompt, "")) for prompt, ids in encoded.items()], max_new_tokens,
+                  context_window(model_config(source), tokenizer_max), named)

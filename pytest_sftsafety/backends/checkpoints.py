@@ -168,6 +168,29 @@ def tokenizer_source(plan: ModelPlan, variant: str) -> str:
     return ckpt.path
 
 
+def weights_source(plan: ModelPlan, variant: str) -> tuple[str, str]:
+    """The folder (or hub id) whose weights and config.json a variant runs on, and how to name it: the shared
+    base of the adapters (also for the reference they switch off), an adapter checkpoint's base, or a full
+    model itself."""
+    if plan.base is not None and (variant != "reference" or plan.reference is None):
+        return plan.base, f"base model {plan.base}"
+    ckpt = plan.reference if variant == "reference" else plan.candidates[int(variant.split(":")[1])]
+    if ckpt.kind == "adapter":
+        return ckpt.base, f"base model {ckpt.base}"
+    return ckpt.path, ckpt.spec
+
+
+def model_config(source: str) -> dict | None:
+    """A model's config.json as plain data, from its folder or the local hub cache; None when it cannot be
+    read (loading the model then says why)."""
+    path = Path(source) / "config.json" if Path(source).is_dir() else _hub_file(source, "config.json")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8")) if path is not None else None
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
 def file_sha256(path: Path, cache: dict[tuple[str, int, int], str] | None = None) -> str:
     """sha256 of a file, remembered per (path, size, mtime) so large weights are read once."""
     stat = path.stat()

@@ -102,7 +102,7 @@ def decode(model, prompts: Sequence[Sequence[int]], row_prompt: Sequence[int], t
     logits, mask, last_position = logits[select], mask[select], positions[select, -1]
     temps = torch.tensor(list(temperatures), device=device, dtype=torch.float32)
     seed_tensor = torch.tensor([s & ((1 << 63) - 1) for s in seeds], device=device, dtype=torch.int64)
-    eos = torch.tensor(list(eos_ids), device=device)
+    eos = torch.tensor(list(eos_ids), device=device, dtype=torch.long)  # long even when empty: no end token
     active = torch.arange(len(row_prompt), device=device)
     outputs: list[list[int]] = [[] for _ in row_prompt]
     for step in range(max_new_tokens):

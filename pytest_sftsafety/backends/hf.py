@@ -14,7 +14,7 @@ import torch
 
 from ..config import RunConfig, cuda_visible, resolved_device, resolved_dtype
 from ..errors import ModelLoadError, first_line
-from .base import Backend, BatchCallback, GenRow, prompt_ids
+from .base import Backend, BatchCallback, GenRow, check_rows_fit, prompt_ids
 from .checkpoints import Checkpoint, ModelPlan, tokenizer_source
 from .decoding import decode
 
@@ -80,6 +80,50 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first_line(exc)}" if str(exc).strip() else type(exc).__name__
 
 
+def load_adapter(model, base, path: str, name: str, label: str, base_path: str):
+    """Load the adapter at ``path`` as ``name`` (onto ``base`` when ``model`` is None: the first one) and
+    return the PeftModel. peft loads an adapter whose target_modules do not match its saved weights with
+    only a warning: the modules it names get fresh, untrained LoRA weights (lora_B is zero, so they change
+    nothing) and the weights of the modules it does not name are dropped. That is a ModelLoadError here,
+    decided on peft's own load result (``load_adapter`` returns it; ``from_pretrained`` does not, so the
+    first adapter's weights are loaded once more to get it: a second read of the adapter, not of the base)."""
+    from peft import PeftModel
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*adapter keys")  # reported below as one line
+            if model is None:
+                model = PeftModel.from_pretrained(base, path, adapter_name=name, is_trainable=False)
+            loaded = model.load_adapter(path, adapter_name=name, is_trainable=False)
+    except Exception as exc:
+        raise ModelLoadError(f"{label}: the adapter does not fit base {base_path} ({_short(exc)}); pass the right "
+                             f"--base-model") from None
+    missing = list(getattr(loaded, "missing_keys", None) or [])
+    unexpected = list(getattr(loaded, "unexpected_keys", None) or [])
+    if missing or unexpected:
+        called_for = sum(1 for key in model.state_dict() if f".{name}." in key)
+        raise ModelLoadError(adapter_mismatch(label, name, missing, unexpected, called_for))
+    return model
+
+
+def adapter_mismatch(label: str, name: str, missing: list[str], unexpected: list[str], called_for: int) -> str:
+    """One line for an adapter whose adapter_config.json and saved weights disagree (see ``load_adapter``)."""
+
+    def shown(key: str) -> str:  # as the module path reads in the model, without peft's prefix and our name
+        return key.removeprefix("base_model.model.").replace(f".{name}.", ".")
+
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} of the {max(called_for, len(missing))} LoRA weights its target_modules call "
+                     f"for are not in the saved weights (first: {shown(missing[0])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} saved weights belong to no module it targets (first: "
+                     f"{shown(unexpected[0])})")
+    return (f"{label}: adapter_config.json's target_modules do not match the saved adapter weights: "
+            f"{' and '.join(parts)}, so the adapter would not run as trained; re-save the adapter, or set "
+            f"target_modules in adapter_config.json to the modules it was trained on")
+
+
 class HFBackend(Backend):
     """Loads the plan's models lazily and generates for the variants ``candidate:I`` and ``reference``."""
 
@@ -90,8 +134,10 @@ class HFBackend(Backend):
         self.dtype = pick_dtype(cfg.dtype, self.device)
         self.spread = self.device == "cuda" and cfg.gpus_per_worker > 1
         self._model = None
-        self._tokenizer = None
+        self._tokenizer = None  # the tokenizer of the variant being (or last) generated
+        self._tokenizers: dict[str, object] = {}  # by source: small, and needed before the weights are loaded
         self._loaded: str | None = None  # "adapters" or a checkpoint spec
+        self.warned_no_eos = False
         self.loads = 0
         self.oom_backoffs = 0
         self.batch_size = cfg.batch_size  # None until the first generate sizes it from free memory
@@ -132,21 +178,31 @@ class HFBackend(Backend):
         return model
 
     def _load_tokenizer(self, source: str):
+        """The tokenizer, padding on the left. Without a pad token it pads with the end-of-sequence token;
+        without either it keeps none, and ``_pad_id`` picks one (padded positions are masked out)."""
         from transformers import AutoTokenizer
 
         try:
             tok = AutoTokenizer.from_pretrained(source, trust_remote_code=self.cfg.trust_remote_code)
         except Exception as exc:
+            if not self.cfg.trust_remote_code and "trust_remote_code" in str(exc):
+                raise ModelLoadError(f"the tokenizer in {source} needs code of its own (auto_map), which is never "
+                                     f"run by default; pass --trust-remote-code if you trust its author") from None
             raise ModelLoadError(f"no usable tokenizer in {source} ({_short(exc)}); save the tokenizer with the "
                                  f"adapter or the base model") from None
         tok.padding_side = "left"
-        if tok.pad_token_id is None:
+        if tok.pad_token_id is None and tok.eos_token_id is not None:
             tok.pad_token = tok.eos_token
         return tok
 
+    def _tokenizer_for(self, variant: str):
+        source = tokenizer_source(self.plan, variant)
+        if source not in self._tokenizers:
+            self._tokenizers[source] = self._load_tokenizer(source)
+        return self._tokenizers[source]
+
     def _unload(self) -> None:
         self._model = None
-        self._tokenizer = None
         self._loaded = None
         self._free_memory()
 
@@ -154,23 +210,14 @@ class HFBackend(Backend):
         if self._loaded == "adapters":
             return
         self._unload()
-        from peft import PeftModel
-
         base = self._load_full(self.plan.base, "base model", self.cfg.allow_pickle)
         model = None
         for index, ckpt in enumerate(self.plan.candidates):
-            try:
-                if model is None:
-                    model = PeftModel.from_pretrained(base, ckpt.path, adapter_name=f"candidate:{index}",
-                                                      is_trainable=False)
-                else:
-                    model.load_adapter(ckpt.path, adapter_name=f"candidate:{index}", is_trainable=False)
-            except Exception as exc:
-                raise ModelLoadError(f"--model {ckpt.spec}: the adapter does not fit base {self.plan.base} "
-                                     f"({_short(exc)}); pass the right --base-model") from None
+            model = load_adapter(model, base, ckpt.path, f"candidate:{index}", f"--model {ckpt.spec}",
+                                 self.plan.base)
         model.eval()
         self._model = model
-        self._tokenizer = self._load_tokenizer(tokenizer_source(self.plan, "candidate:0"))
+        self._tokenizer = self._tokenizer_for("candidate:0")
         self._loaded = "adapters"
 
     def _ensure_checkpoint(self, ckpt: Checkpoint, label: str, variant: str) -> None:
@@ -178,17 +225,11 @@ class HFBackend(Backend):
             return
         self._unload()
         if ckpt.kind == "adapter":
-            from peft import PeftModel
-
             base = self._load_full(ckpt.base, "base model", self.cfg.allow_pickle)
-            try:
-                self._model = PeftModel.from_pretrained(base, ckpt.path, is_trainable=False)
-            except Exception as exc:
-                raise ModelLoadError(f"{label} {ckpt.spec}: the adapter does not fit base {ckpt.base} "
-                                     f"({_short(exc)}); pass the right --base-model") from None
+            self._model = load_adapter(None, base, ckpt.path, "default", f"{label} {ckpt.spec}", ckpt.base)
         else:
             self._model = self._load_full(ckpt.path, label, ckpt.pickle_weights)
-        self._tokenizer = self._load_tokenizer(tokenizer_source(self.plan, variant))
+        self._tokenizer = self._tokenizer_for(variant)
         self._loaded = ckpt.spec
 
     @contextmanager
@@ -219,10 +260,24 @@ class HFBackend(Backend):
         return prompt_ids(self._tokenizer, prompt)
 
     def _eos_ids(self) -> list[int]:
+        """The tokens that end an answer: the tokenizer's and the generation config's. With none, every answer
+        runs to --max-new-tokens (a model with no end token has no other way to stop)."""
         ids = {self._tokenizer.eos_token_id}
         configured = getattr(getattr(self._model, "generation_config", None), "eos_token_id", None)
         ids.update(configured if isinstance(configured, list) else [configured])
-        return sorted(i for i in ids if i is not None)
+        found = sorted(i for i in ids if i is not None)
+        if not found and not self.warned_no_eos:
+            warnings.warn("neither the tokenizer nor the model's generation config names an end-of-sequence "
+                          "token; every answer runs to --max-new-tokens", stacklevel=2)
+            self.warned_no_eos = True
+        return found
+
+    def _pad_id(self, eos_ids: Sequence[int]) -> int:
+        """The id left padding fills in: the tokenizer's pad token, else an end token, else 0. Any id in the
+        vocabulary is sound: padded positions are masked out of attention and never read back, so the answers
+        do not depend on it (nor on how much padding a batch needs)."""
+        pad = self._tokenizer.pad_token_id
+        return pad if pad is not None else (eos_ids[0] if eos_ids else 0)
 
     def generate(self, variant: str, rows: Sequence[GenRow], on_batch: BatchCallback) -> None:
         """Generate ``rows`` and hand each finished batch to ``on_batch(indices, texts, new_tokens)``.
@@ -232,15 +287,20 @@ class HFBackend(Backend):
         """
         if not rows:
             return
+        self._tokenizer = self._tokenizer_for(variant)
+        encoded: dict[str, list[int]] = {}
+        groups: dict[str, list[int]] = {}
+        for index, row in enumerate(rows):
+            if row.prompt not in encoded:
+                encoded[row.prompt] = self._encode(row.prompt)
+            groups.setdefault(row.prompt, []).append(index)
+        # Before the weights load: a prompt that cannot fit the context costs no load and no memory.
+        check_rows_fit(self.plan, variant, encoded, rows, self.cfg.max_new_tokens,
+                       getattr(self._tokenizer, "model_max_length", None))
         with self._variant(variant):
-            encoded: dict[str, list[int]] = {}
-            groups: dict[str, list[int]] = {}
-            for index, row in enumerate(rows):
-                if row.prompt not in encoded:
-                    encoded[row.prompt] = self._encode(row.prompt)
-                groups.setdefault(row.prompt, []).append(index)
             pending = sorted(groups.items(), key=lambda item: -len(encoded[item[0]]))
-            eos_ids, pad = self._eos_ids(), self._tokenizer.pad_token_id
+            eos_ids = self._eos_ids()
+            pad = self._pad_id(eos_ids)
             if self.batch_size is None:
                 longest = max(len(ids) for ids in encoded.values()) + self.cfg.max_new_tokens
                 weight_bytes = sum(p.numel() * p.element_size() for p in self._model.parameters())
@@ -277,6 +337,8 @@ class HFBackend(Backend):
 
     def close(self) -> None:
         self._unload()
+        self._tokenizer = None
+        self._tokenizers.clear()
 
 
 

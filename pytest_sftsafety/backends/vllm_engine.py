@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..config import RunConfig, resolved_device, resolved_dtype
 from ..errors import ModelLoadError, first_line
-from .base import Backend, BatchCallback, GenRow, prompt_ids
+from .base import Backend, BatchCallback, GenRow, check_rows_fit, prompt_ids
 from .checkpoints import ModelPlan, tokenizer_source
 
 CHUNK_ROWS = 512  # answers handed to the store at once (the engine schedules its own batches inside)
@@ -171,6 +171,9 @@ class VLLMBackend(Backend):
         for row in rows:
             if row.prompt not in encoded:
                 encoded[row.prompt] = prompt_ids(tokenizer, row.prompt)
+        # A prompt past the context would make the engine refuse to start with vLLM's own words; say which.
+        check_rows_fit(self.plan, variant, encoded, rows, self.cfg.max_new_tokens,
+                       getattr(tokenizer, "model_max_length", None))
         lora = self._variant(variant, max(len(ids) for ids in encoded.values()) + self.cfg.max_new_tokens)
         chunk = self.cfg.batch_size or CHUNK_ROWS
         for start in range(0, len(rows), chunk):

@@ -75,7 +75,7 @@ def train_tokenizer(texts: Sequence[str], out_dir: Path, vocab_size: int = 400):
 
 
 def new_model(tokenizer, arch: str = "llama", hidden: int = 64, layers: int = 2, seed: int = 0,
-              init_std: float = 0.02, max_positions: int = 256):
+              init_std: float = 0.02, max_positions: int = 2048):
     """A randomly initialised Llama- or Mistral-shaped causal LM sized for the tokenizer. A larger
     ``init_std`` (e.g. 0.2) gives an untrained model varied outputs instead of one repeated token."""
     import torch
