@@ -352,6 +352,7 @@ def second_round(m: Matrix) -> None:
     lines = [json.dumps(r) for r in rows]
     lines[3] = '{"question_id": 4, "category": "1", "turns": ' + "[" * 100_000 + "]" * 100_000 + "}"
     nested = m.work / "bad" / "nested.jsonl"
+    nested.parent.mkdir(parents=True, exist_ok=True)
     nested.write_text("\n".join(lines), encoding="utf-8")
     status, output = m.pytest(*model, data=nested)
     m.add(group, "a prompt file with JSON nested 100,000 deep", status, seen_line(output), ok=status == 4,
@@ -393,15 +394,15 @@ def second_round(m: Matrix) -> None:
           "nothing", ok=whole and all(p.returncode == 1 for p in procs), output="".join(outputs))
 
     saved, _ = m.pytest(*small, "--sftsafety-save-baseline", str(m.work / "edit.json"))
+    status, output = m.pytest(*model, "-k", "02_", "--temperatures", "0", "--baseline", str(m.work / "edit.json"))
+    m.add(group, "a baseline used with another -k selection", status, seen_line(output), ok=status == 4,
+          output=output)
     document = json.loads((m.work / "edit.json").read_text())
     document["identity"]["seeds"] = 3  # made to match another run's settings by hand
     (m.work / "edit.json").write_text(json.dumps(document))
     status, output = m.pytest(*small, "--seeds", "3", "--baseline", str(m.work / "edit.json"))
     m.add(group, "a baseline edited by hand (its seeds changed to match the run)", status, seen_line(output),
           ok=saved == 1 and status == 4, output=output)
-    status, output = m.pytest(*model, "-k", "02_", "--temperatures", "0", "--baseline", str(m.work / "edit.json"))
-    m.add(group, "a baseline used with another -k selection", status, seen_line(output), ok=status == 4,
-          output=output)
 
     status, output = m.pytest(*model, "--prompt-style", "translate-fr")
     m.add(group, "a translated prompt style with an English-only judge", status, seen_line(output),
