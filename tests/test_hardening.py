@@ -211,7 +211,7 @@ def test_suite_names_and_domain_keys_that_become_test_ids_or_markers_are_checked
 
 
 def test_odd_numbers_damaged_stores_and_baselines_are_named_for_what_they_are(tmp_path):
-    from pytest_sftsafety.baseline import load
+    from pytest_sftsafety.baseline import BASELINE_VERSION, content_sha256, load
     from pytest_sftsafety.store import Store
 
     rows = toy.placeholder_questions(SUITE)
@@ -228,8 +228,10 @@ def test_odd_numbers_damaged_stores_and_baselines_are_named_for_what_they_are(tm
     assert "is damaged" in str(caught.value) and "disk is full" not in str(caught.value)
     for outcomes in ([[[300]]], [[[7]]]):
         baseline = tmp_path / "baseline.json"
-        baseline.write_text(json.dumps({"schema": "pytest-sftsafety/baseline", "version": 1, "identity": {},
-                                        "cells": [{"category_id": 1, "temperature": 0, "outcomes": outcomes}]}))
+        document = {"schema": "pytest-sftsafety/baseline", "version": BASELINE_VERSION, "identity": {},
+                    "cells": [{"category_id": 1, "temperature": 0, "outcomes": outcomes}]}
+        # Checksummed as if saved so: the outcomes themselves must still be checked.
+        baseline.write_text(json.dumps({**document, "sha256": content_sha256(document)}))
         with pytest.raises(SftSafetyError, match="damaged baseline"):
             load(baseline)
 
