@@ -97,7 +97,7 @@ class Examples:
 
 def read_rows(source: str) -> tuple[list[dict], str]:
     """Rows of a local JSONL, JSON (a list), CSV or parquet file, or of a hub dataset's train split."""
-    from ..data import _decode, _rows_jsonl, _rows_parquet
+    from ..data import _decode, _rows_jsonl, _rows_parquet, check_rows
 
     path = Path(source)
     if path.is_file():
@@ -112,6 +112,7 @@ def read_rows(source: str) -> tuple[list[dict], str]:
                 rows = json.loads(_decode(raw, path))
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno}); fix the file") from None
+            check_rows(rows if isinstance(rows, list) else [rows], path)
         elif suffix == ".csv":
             import csv
             import io
