@@ -3,9 +3,14 @@ exit point that writes a file: the store, the JSON and text reports, last_fault.
 
 from __future__ import annotations
 
+import json
+import sqlite3
+from types import SimpleNamespace
+
 import pytest
 
 from pytest_sftsafety.errors import ConfigError, InternalFault, SftSafetyError, printable
+from pytest_sftsafety.report import write_json, write_text
 from pytest_sftsafety.sanitize import (
     REDACTED,
     encodable,
@@ -14,6 +19,8 @@ from pytest_sftsafety.sanitize import (
     redact,
     register_secret,
 )
+from pytest_sftsafety.session import RunSession
+from pytest_sftsafety.store import Store
 
 KEY = "sk-sanitize-PLANTED-5f3a9c"
 register_secret(KEY)  # as a ChatClient does with the key it sends
@@ -63,3 +70,49 @@ def test_error_lines_redact_and_show_a_surrogate_inert():
     for error in (SftSafetyError, ConfigError, InternalFault):
         text = str(error(f"--endpoint http://h/v1?token=abc failed: server said {KEY}\ud800"))
         assert text == f"--endpoint http://h/v1?token={REDACTED} failed: server said {REDACTED}\\ud800"
+
+
+def test_the_store_keeps_no_surrogate_and_no_key(tmp_path):
+    path = tmp_path / "store.sqlite"
+    store = Store(path)
+    store.put_generations({"a": (f"half \ud800 and key {KEY}", 3)})
+    store.close()
+    assert Store(path).get_generations(["a"]) == {"a": (f"half \ufffd and key {REDACTED}", 3)}
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA wal_checkpoint(FULL)")
+    assert KEY.encode() not in b"".join(p.read_bytes() for p in tmp_path.iterdir())
+
+
+def test_reports_are_written_as_valid_utf8_without_a_key(tmp_path):
+    document = {"entries": [], "note": f"\ud800 {KEY} http://h/v1?key=abc"}
+    raw = write_json(tmp_path / "r.json", document).read_bytes()
+    text = raw.decode("utf-8")  # strict: raises on anything that is not UTF-8
+    assert KEY not in text and "abc" not in text and "\\ud800" not in text
+    assert json.loads(text)["note"] == f"\ufffd {REDACTED} http://h/v1?key={REDACTED}"
+    markdown = write_text(tmp_path / "r.md", f"| \udfff | {KEY} |", "Markdown summary").read_bytes()
+    assert markdown.decode("utf-8") == f"| \ufffd | {REDACTED} |"
+
+
+def test_last_fault_traceback_is_redacted(tmp_path):
+    holder = SimpleNamespace(store_path=lambda: tmp_path / "store.sqlite")
+    try:
+        raise RuntimeError(f"server said {KEY} at http://h/v1?token=abc \ud800")
+    except RuntimeError:
+        kept = RunSession._keep_traceback(holder)
+    text = (tmp_path / "last_fault.txt").read_text(encoding="utf-8")
+    assert kept == str(tmp_path / "last_fault.txt")
+    assert "RuntimeError: server said [redacted] at http://h/v1?token=[redacted] \\ud800" in text
+    assert KEY not in text
+
+
+def test_a_saved_report_is_cleaned_when_read_back(tmp_path):
+    """A report written elsewhere (an older version, another tool) is outside text as well."""
+    from pytest_sftsafety.report import READABLE_VERSIONS, REPORT_SCHEMA, load_report
+
+    document = {key: {} for key in ("created", "suite", "data", "models", "judge", "settings", "summary")}
+    document.update(schema=REPORT_SCHEMA, version=READABLE_VERSIONS[-1], entries=[], aggregates=[],
+                    provenance={"device": f"server http://h/{KEY}/v1?sig=abc \ud800"})
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(document), encoding="ascii")  # \ud800 spelled as JSON's escape
+    loaded = load_report(path)
+    assert loaded["provenance"]["device"] == f"server http://h/{REDACTED}/v1?sig={REDACTED} \ufffd"
