@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from pytest_sftsafety.config import normalise_base_url
 from pytest_sftsafety.errors import ConfigError, InternalFault, SftSafetyError, printable
 from pytest_sftsafety.report import write_json, write_text
 from pytest_sftsafety.sanitize import (
@@ -70,6 +71,18 @@ def test_error_lines_redact_and_show_a_surrogate_inert():
     for error in (SftSafetyError, ConfigError, InternalFault):
         text = str(error(f"--endpoint http://h/v1?token=abc failed: server said {KEY}\ud800"))
         assert text == f"--endpoint http://h/v1?token={REDACTED} failed: server said {REDACTED}\\ud800"
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/v1?api_key=SECRETvalue1", "http://h/v1?SECRETvalue1",
+                                 "http://h/v1#SECRETvalue1", "http://h/v1?a=1&b=SECRETvalue1",
+                                 "http://u:SECRETvalue1@h/v1", "ftp://h/v1?key=SECRETvalue1",
+                                 "http://h/v 1?token=SECRETvalue1"])
+def test_a_url_with_a_credential_is_refused_without_echoing_it(url):
+    """Even a value under a name that does not look like a credential: the query of a refused URL is shown
+    by its parameter names only."""
+    with pytest.raises(ConfigError) as caught:
+        normalise_base_url(url, "--endpoint")
+    assert "SECRETvalue1" not in str(caught.value) and str(caught.value).startswith("--endpoint")
 
 
 def test_the_store_keeps_no_surrogate_and_no_key(tmp_path):

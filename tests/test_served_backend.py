@@ -261,6 +261,19 @@ def test_the_api_key_is_sent_and_never_written(pytester, toy_models, serve, monk
     assert "120 answers quoted a key" in (pytester.path / "summary.md").read_text()
 
 
+@pytest.mark.parametrize("endpoint", ["/v1?api_key=SECRET-in-query-1", "/v1?key=SECRET-in-query-1",
+                                      "/v1?model=x&token=SECRET-in-query-1"])
+def test_a_key_in_the_endpoints_query_string_is_refused_without_echoing_it(pytester, toy_models, endpoint):
+    url = f"http://127.0.0.1:{closed_port()}{endpoint}"
+    result = pytester.runpytest("--sftsafety-data", str(toy_models.data_202503), "--backend", "openai",
+                                "--endpoint", url, "--model", "a", "--reference", "b")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: --endpoint 'http://127.0.0.1:*/v1?*=*': the URL must not have a query or "
+                                 "fragment; give the base URL, e.g. http://127.0.0.1:8000/v1, and pass a key through "
+                                 "the environment, never in the URL"])
+    assert "SECRET-in-query-1" not in result.stdout.str() + result.stderr.str()
+
+
 def test_a_lone_surrogate_in_served_answers_is_replaced_counted_and_the_run_completes(pytester, toy_models, serve):
     """A server may send half of a UTF-16 pair as the JSON escape \\ud800 (a cut emoji). It is the model's
     answer, not the user's input: stored and judged with U+FFFD in its place, counted and noted, and the
