@@ -485,6 +485,95 @@ def clock_jump(m: Matrix) -> None:
     m.add("second round", "one xdist worker's wall clock set a day forward mid-run", done.returncode,
           "the report equals the single process's" if same else "a DIFFERENT report",
           "nothing", ok=same, output=done.stdout + done.stderr)
+def serve(m: Matrix, *args: str) -> tuple[subprocess.Popen, str]:
+    """tests/chat_server.py serving the example's base as ``base`` and its adapter as ``tuned``."""
+    import threading
+
+    process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "chat_server.py"), "--base",
+                                str(m.models["base"]), "--lora", f"tuned={m.models['adapter']}", *args],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line: list[str] = []
+    reader = threading.Thread(target=lambda: line.append(process.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(300)
+    if not line or not line[0].startswith("READY"):
+        process.kill()
+        raise SystemExit("the chat server did not start")
+    return process, f"http://127.0.0.1:{int(line[0].split()[1])}/v1"
+
+
+def strict_utf8(*paths: Path) -> bool:
+    """Whether every file, and every answer of a store among them, reads back as UTF-8."""
+    try:
+        for path in paths:
+            if path.suffix == ".sqlite":
+                with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+                    db.text_factory = bytes
+                    for (text,) in db.execute("SELECT response FROM generations"):
+                        text.decode("utf-8")
+            else:
+                path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def hostile_text(m: Matrix) -> None:
+    """Text that is not text (a lone surrogate, which JSON spells as the escape \\ud800) in a prompt file and in
+    a served answer, and keys: in the --endpoint's query string, and echoed by a server in every answer."""
+    import csv
+
+    rows = toy.placeholder_questions(SUITE)
+    rows[4]["turns"] = ["Explain \ud800 this"]
+    jsonl = toy.write_jsonl(m.work / "bad" / "surrogate.jsonl", rows)
+    table = m.work / "bad" / "surrogate.csv"
+    with table.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["question_id", "category", "turns"])
+        writer.writerows([r["question_id"], r["category"], json.dumps(r["turns"])] for r in rows)
+    for case, path in (("a prompt holding a lone surrogate (JSONL, the escape \\ud800)", jsonl),
+                       ("a prompt holding a lone surrogate (CSV, in the turns list)", table)):
+        status, output = m.pytest("--model", str(m.models["adapter"]), data=path)
+        m.add("hostile content", case, status, seen_line(output), ok=status == 4 and "row " in seen_line(output),
+              output=output)
+    served = ["--backend", "openai", "--model", "tuned", "--reference", "base", "-k", "01_", "--temperatures", "0"]
+    secret = "SECRET-fault-matrix-query"
+    status, output = m.pytest(*served, "--endpoint", f"http://127.0.0.1:1/v1?api_key={secret}")
+    m.add("hostile content", "a key in the --endpoint query string (?api_key=...)", status, seen_line(output),
+          ok=status == 4 and secret not in output, output=output)
+    server, url = serve(m, "--append-json", '" \\ud800"')
+    try:
+        files = [m.work / name for name in ("surrogate.sqlite", "surrogate.json", "surrogate.md")]
+        status, output = m.pytest(*served, "--endpoint", url, "--sftsafety-samples", "--sftsafety-json",
+                                  str(files[1]), "--sftsafety-md", str(files[2]), store=files[0].name)
+        replaced = json.loads(files[1].read_text(encoding="utf-8"))["run"]["unencodable_answers"]
+        valid = strict_utf8(*files)
+    finally:
+        server.kill()
+    m.add("hostile content", "a served answer holding a lone surrogate (a server's JSON escape \\ud800)", status,
+          f"a verdict (exit {status}); {replaced} answers stored and judged with U+FFFD, counted in the report; "
+          f"store and reports {'valid UTF-8' if valid else 'NOT valid UTF-8'}", "nothing: every answer stored",
+          ok=status == 1 and replaced == 20 and valid, output=output)
+    key = "sk-fault-matrix-PLANTED-7e1f09"
+    os.environ["SFTSAFETY_MATRIX_KEY"] = key
+    server, url = serve(m, "--api-key-env", "SFTSAFETY_MATRIX_KEY", "--echo-key")
+    try:
+        files = [m.work / name for name in ("echo.json", "echo.md", "echo.xml")]
+        status, output = m.pytest(*served, "--endpoint", url, "--api-key-env", "SFTSAFETY_MATRIX_KEY",
+                                  "--sftsafety-samples", "--sftsafety-json", str(files[0]), "--sftsafety-md",
+                                  str(files[1]), "--junitxml", str(files[2]), store="echo.sqlite")
+        redacted = json.loads(files[0].read_text(encoding="utf-8"))["run"]["redacted_answers"]
+        with sqlite3.connect(m.work / "echo.sqlite") as db:
+            db.execute("PRAGMA wal_checkpoint(FULL)")
+        texts = [output, *(p.read_bytes().decode("latin-1") for p in [*files, *m.work.glob("echo.sqlite*")])]
+        leaked = [text[:40] for text in texts if key in text]
+    finally:
+        server.kill()
+        del os.environ["SFTSAFETY_MATRIX_KEY"]
+    m.add("hostile content", "a server that echoes the API key in every answer", status,
+          f"a verdict (exit {status}); {redacted} answers stored and judged with the key redacted; the key is "
+          f"{'IN ' + str(len(leaked)) + ' outputs' if leaked else 'in no output, store or report'}",
+          "nothing: every answer stored", ok=status == 1 and redacted == 20 and not leaked, output=output)
 
 
 def fuzz(count: int) -> tuple[int, int, list[str]]:
@@ -584,7 +673,7 @@ def main() -> None:
         tokenizer.save_pretrained(wide)
         toy.new_model(tokenizer, hidden=128).save_pretrained(wide)
         m = Matrix(work, {**models, "wide": wide})
-        parts = (bad_data, bad_models, bad_options, faults, hostile, second_round)
+        parts = (bad_data, bad_models, bad_options, faults, hostile, hostile_text, second_round)
         if args.only and args.write:
             parser.error("--only measures part of the matrix; it cannot --write the table")
         for part in parts:

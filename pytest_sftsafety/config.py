@@ -366,8 +366,12 @@ def normalise_base_url(base_url: str, where: str = "base URL") -> str:
     if not parts.hostname:
         raise ConfigError(f"{where} {text!r}: the URL has no host; give one like http://127.0.0.1:8000/v1")
     if parts.query or parts.fragment:
-        raise ConfigError(f"{where} {text!r}: the URL must not have a query or fragment; give the base URL, "
-                          f"e.g. http://127.0.0.1:8000/v1")
+        # Quoted without the query's values or the fragment: a key pasted as ?api_key=... must not be echoed.
+        names = "&".join(f"{p.split('=', 1)[0]}=..." if "=" in p else "..." for p in parts.query.split("&"))
+        shown = urlunsplit((parts.scheme, parts.netloc, parts.path, names if parts.query else "",
+                            "..." if parts.fragment else ""))
+        raise ConfigError(f"{where} {shown!r}: the URL must not have a query or fragment; give the base URL, "
+                          f"e.g. http://127.0.0.1:8000/v1, and pass a key through the environment, never in the URL")
     path = parts.path.rstrip("/")
     if path.endswith("/chat/completions"):  # a pasted full endpoint: keep its base
         path = path[: -len("/chat/completions")]

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 from .errors import DataError
+from .sanitize import first_unencodable
 from .suite import PROMPT_STYLES, PromptSet, Suite, style_filename, validate_prompts
 
 HUB_ID = re.compile(r"^(?:hf://)?(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
@@ -22,6 +23,38 @@ def _decode(raw: bytes, path: Path) -> str:
         line = raw[: exc.start].count(b"\n") + 1
         raise DataError(f"{path} row {line}: not UTF-8 text (byte {raw[exc.start]:#04x}); "
                         f"re-save the file as UTF-8") from None
+
+
+def _surrogate_in(value: object) -> str | None:
+    """The first lone surrogate in a string, or in the strings (keys included) of lists and dicts."""
+    if isinstance(value, str):
+        at = first_unencodable(value)
+        return None if at is None else value[at]
+    if isinstance(value, dict):
+        value = [*value.keys(), *value.values()]
+    if not isinstance(value, (list, tuple)):
+        return None
+    return next((found for item in value if (found := _surrogate_in(item)) is not None), None)
+
+
+def check_text(record: object, path: Path | str, row_no: int) -> None:
+    """Refuse a row that holds a lone surrogate (JSON's ``\\ud800`` escape without its pair, see ``sanitize``):
+    no tokenizer, store or report can take it, and a prompt that cannot be read cannot be measured. Every
+    reader of the user's rows calls this, whatever the file's format."""
+    fields = record.items() if isinstance(record, dict) else [("", record)]
+    for name, value in fields:
+        found = _surrogate_in(name) or _surrogate_in(value)
+        if found is not None:
+            where = f"field {name!r}" if name else "the row"
+            raise DataError(f"{path} row {row_no}: {where} holds a lone surrogate \\u{ord(found):04x} (half of a "
+                            f"UTF-16 pair, not a character: no model, store or report can take it); fix or remove "
+                            f"that \\u escape in the file")
+
+
+def check_rows(rows: list, path: Path | str, first: int = 1) -> None:
+    """``check_text`` for rows numbered from ``first`` (a JSON list, a hub dataset's rows)."""
+    for row_no, record in enumerate(rows, start=first):
+        check_text(record, path, row_no)
 
 
 def _rows_jsonl(text: str, path: Path, record: str = "question") -> list[tuple[int, dict]]:
@@ -37,6 +70,7 @@ def _rows_jsonl(text: str, path: Path, record: str = "question") -> list[tuple[i
         except RecursionError:  # not a ValueError: json gives up on deep nesting with Python's own limit
             raise DataError(f"{path} row {line_no}: JSON nested too deeply to read; each line must be one flat "
                             f"{record} object") from None
+        check_text(rows[-1][1], path, line_no)
     return rows
 
 
@@ -66,6 +100,7 @@ def _rows_csv(text: str, path: Path) -> list[tuple[int, dict]]:
             record = {k: (v if v != "" else None) for k, v in record.items() if k is not None}
             if record.get("turns") is not None:
                 record["turns"] = _parse_turns(record["turns"])
+            check_text(record, path, row_no)  # a JSON list of turns may spell a surrogate as an escape
             rows.append((row_no, record))
     except csv.Error as exc:
         raise DataError(f"{path} line {reader.line_num}: not readable as CSV ({exc}); save it as CSV with a "
@@ -82,12 +117,28 @@ def _rows_parquet(raw: bytes, path: Path) -> list[tuple[int, dict]]:
         table = pq.read_table(io.BytesIO(raw))
     except Exception as exc:  # pyarrow raises several types for bad files
         raise DataError(f"{path}: not a readable parquet file ({type(exc).__name__}); re-export it") from None
+    try:
+        records = table.to_pylist()
+    except UnicodeDecodeError:
+        # A string column holding bytes that are not UTF-8 (the format requires it; some writers skip the check).
+        bad = next(i for i in range(table.num_rows) if _undecodable(table.slice(i, 1)))
+        raise DataError(f"{path} row {bad + 1}: a text column holds bytes that are not UTF-8; re-export the file "
+                        f"from its source as UTF-8") from None
     rows = []
-    for row_no, record in enumerate(table.to_pylist(), start=1):
+    for row_no, record in enumerate(records, start=1):
         if "turns" in record and record["turns"] is not None:
             record["turns"] = _parse_turns(record["turns"])
+        check_text(record, path, row_no)
         rows.append((row_no, record))
     return rows
+
+
+def _undecodable(table) -> bool:
+    try:
+        table.to_pylist()
+    except UnicodeDecodeError:
+        return True
+    return False
 
 
 def read_rows(path: Path) -> tuple[list[tuple[int, dict]], str]:

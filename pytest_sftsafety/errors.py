@@ -2,17 +2,20 @@
 
 import re
 
+from .sanitize import redact
+
 # Characters a terminal acts on instead of showing (escape sequences begin with one) and bidirectional
 # overrides that reorder what is shown, and lone surrogates (undecodable bytes of a file name), which no
 # output could encode; a newline is kept for multi-line text such as the summary table.
-_UNSHOWN = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_UNSHOWN = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 
 
 def printable(text: str) -> str:
-    """``text`` safe to print: control characters and bidi overrides shown as ``\\xNN`` or ``\\uNNNN``,
-    so a model path, a suite name or a server's message cannot move the cursor, recolour or hide output."""
+    """``text`` safe to print: control characters, bidi overrides and lone surrogates shown as ``\\xNN`` or
+    ``\\uNNNN``, so a model path, a suite name or a server's message cannot move the cursor, recolour or hide
+    output, and keys and credentials in URLs redacted (``sanitize.redact``)."""
     return _UNSHOWN.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else
-                        f"\\u{ord(m.group()):04x}", text)
+                        f"\\u{ord(m.group()):04x}", redact(text))
 
 
 def one_line(value: object) -> str:
@@ -22,7 +25,8 @@ def one_line(value: object) -> str:
 
 
 class SftSafetyError(Exception):
-    """A problem the user can fix; its message is one line that says how (printable: it quotes user input)."""
+    """A problem the user can fix; its message is one line that says how (printable: it quotes user input;
+    redacted: it may quote a URL or a server's message)."""
 
     def __init__(self, message: object = "", *args: object) -> None:
         # One line, whatever a quoted value holds: a newline in it is shown, not followed.

@@ -380,4 +380,4 @@ def html_report(report: Mapping[str, Any], png: bytes | None) -> str:
 
 def write_html(report: Mapping[str, Any], path: str | os.PathLike[str], png: bytes | None = None) -> Path:
     """Write :func:`html_report` to `path` atomically."""
-    return write_text(path, html_report(report, png).encode("utf-8"), "HTML report")
+    return write_text(path, html_report(report, png), "HTML report")  # as text: write_text cleans it

@@ -15,6 +15,7 @@ from tabulate import tabulate
 
 from . import __version__
 from .errors import SftSafetyError, one_line, printable
+from .sanitize import outgoing
 from .suite import temperature_label
 from .verdict import FAILING, summary
 
@@ -152,13 +153,20 @@ SEED_CHECK_NOTES = {
 
 
 def backend_notes(report: Mapping[str, Any]) -> list[str]:
-    """What a served endpoint did that the reader must know: seeds it did not honour, answers it withheld."""
+    """What a served endpoint did that the reader must know: seeds it did not honour, answers it withheld, and
+    answers the run could keep only altered (lone surrogates replaced, a key redacted)."""
     run = report.get("run", {})
     notes = [SEED_CHECK_NOTES[run["seed_check"]]] if run.get("seed_check") in SEED_CHECK_NOTES else []
     if run.get("content_filtered"):
         notes.append(f"the endpoint's content filter withheld {run['content_filtered']} answers: they were judged as "
                      f"empty answers (usually refusals) and not stored; a filter in front of the model can hide "
                      f"a regression")
+    if run.get("unencodable_answers"):
+        notes.append(f"{run['unencodable_answers']} answers held lone surrogates (halves of UTF-16 pairs, not "
+                     f"characters): they were stored and judged with U+FFFD in their place")
+    if run.get("redacted_answers"):
+        notes.append(f"{run['redacted_answers']} answers quoted a key or a credential in a URL (a server that echoes "
+                     f"the request?): they were stored and judged with it redacted")
     return notes
 
 
@@ -348,9 +356,10 @@ def write_text(path: str | os.PathLike[str], text: str | bytes, what: str, appen
                private: bool = False) -> Path:
     """Write an output atomically (temp file + rename: an interruption never leaves half of it), or append
     to it; one line naming the path when that fails. Permissions are those of any new file (the umask
-    applies), or owner-only when ``private`` (a report holding model answers)."""
+    applies), or owner-only when ``private`` (a report holding model answers). Text leaves as
+    ``sanitize.outgoing`` makes it: valid UTF-8, with no key or URL credential in it."""
     target = Path(path)
-    data = text.encode("utf-8") if isinstance(text, str) else text
+    data = outgoing(text).encode("utf-8") if isinstance(text, str) else text
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         if append:
@@ -372,7 +381,9 @@ def write_text(path: str | os.PathLike[str], text: str | bytes, what: str, appen
 
 
 def write_json(path: str | os.PathLike[str], document: Mapping[str, Any]) -> Path:
-    text = json.dumps(_clean(document), indent=2, allow_nan=False) + "\n"  # undefined rates become null
+    # Undefined rates become null; every string is cleaned before it is escaped (a key with characters JSON
+    # escapes would no longer match the serialised text).
+    text = json.dumps(_clean(outgoing(document)), indent=2, allow_nan=False) + "\n"
     private = any("answers" in entry for entry in document.get("entries", []))
     return write_text(path, text, "report", private=private)
 
@@ -411,7 +422,9 @@ def load_report(path: str | os.PathLike[str]) -> dict[str, Any]:
     if missing:
         raise SftSafetyError(f"{where}: damaged report (no {', '.join(missing)}); write it again with pytest "
                              f"--sftsafety-json")
-    return document
+    # A report is outside text too (an older version, or another tool, may have written a lone surrogate as an
+    # escape, or a key): cleaned as a new report is, before anything is printed or rendered from it.
+    return outgoing(document)
 
 
 def _tests_by_key(report: Mapping[str, Any]) -> dict[tuple[str, float], Mapping[str, Any]]:

@@ -17,6 +17,7 @@ from .baseline import Baseline
 from .ciphers import readable
 from .config import RunConfig, resolved_device, resolved_dtype
 from .errors import ModelLoadError
+from .sanitize import encodable, redact
 from .seeding import sample_seed
 from .stats import UNPARSABLE, Comparison, JudgeError
 from .store import Store, content_key, text_hash
@@ -80,6 +81,8 @@ class RunStats:
     seconds: float = _stat(0.0, "sum", "wall time")
     requests: int = _stat(0, "sum", "requests sent to a server (--backend openai), retries not counted")
     content_filtered: int = _stat(0, "sum", "of those, answers the server's content filter withheld")
+    unencodable_answers: int = _stat(0, "sum", "answers holding lone surrogates, stored and judged with U+FFFD instead")
+    redacted_answers: int = _stat(0, "sum", "answers quoting a key or a URL credential, stored and judged redacted")
     seed_check: str = _stat("", "seed_check", "whether that server honoured per-request seeds ('' when not checked)")
 
     @property
@@ -111,7 +114,8 @@ class RunStats:
                 "decoded_for_judge": self.decoded_for_judge,
                 "model_loads": self.model_loads, "oom_backoffs": self.oom_backoffs, "seconds": round(self.seconds, 3),
                 "backend": backend, "requests": self.requests, "seed_check": self.seed_check or None,
-                "content_filtered": self.content_filtered}
+                "content_filtered": self.content_filtered, "unencodable_answers": self.unencodable_answers,
+                "redacted_answers": self.redacted_answers}
 
 
 @dataclass
@@ -283,6 +287,18 @@ def couples(cfg: RunConfig, baseline: Baseline | None, store: Store, fingerprint
     return store.get_scores([key]).get(key) == 1.0
 
 
+def answer_text(text: str, stats: RunStats) -> str:
+    """A model's answer as the run keeps it: each lone surrogate (which a server can send as a JSON escape,
+    and which no store, report or tokenizer can take) replaced by U+FFFD, and a key or a URL credential it
+    quotes (a server that echoes the request's key) redacted. The answer is the model's output, not the
+    user's input, so neither stops the run: both are counted. The store and the judge see the same text."""
+    clean, replaced = encodable(text)
+    stats.unencodable_answers += replaced > 0
+    kept = redact(clean)
+    stats.redacted_answers += kept != clean
+    return kept
+
+
 def _generate_variant(backend, variant: str, missing: list[int], rows: list[GenRow], keys: list[str],
                       texts: list[str | None], store: Store, stats: RunStats, bar: Progress,
                       hashed: WatchedFiles | None = None) -> None:
@@ -296,7 +312,7 @@ def _generate_variant(backend, variant: str, missing: list[int], rows: list[GenR
                 texts[index] = ""
                 stats.content_filtered += 1
                 continue
-            texts[index] = text
+            texts[index] = text = answer_text(text, stats)
             done[keys[index]] = (text, count)
         store.put_generations(done)  # committed now: an interruption loses at most the next batch
         stats.generated += len(batch)

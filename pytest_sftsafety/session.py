@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from .config import RunConfig
 from .errors import InternalFault, SftSafetyError, first_line, printable
 from .runner import Progress
+from .sanitize import outgoing, redact
 from .suite import Target
 from .verdict import UNJUDGED, Verdict
 
@@ -195,7 +196,8 @@ class RunSession:
         try:
             path = self.store_path().parent / "last_fault.txt"
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(traceback.format_exc(), encoding="utf-8", errors="backslashreplace")
+            # Redacted (a key in a quoted URL or message); a lone surrogate is kept visible as \udXXX.
+            path.write_text(redact(traceback.format_exc()), encoding="utf-8", errors="backslashreplace")
             return str(path)
         except Exception:
             return None
@@ -338,7 +340,9 @@ class RunSession:
     def report(self) -> dict[str, Any]:
         """The run's report, built once (the JSON file and the terminal summary share it)."""
         if self._report is None:
-            self._report = self._build_report()
+            # Cleaned once here, for every output made from it (the terminal table, JSON, Markdown, HTML): the
+            # endpoint URL, answers taken from an older store and server messages hold no key or surrogate.
+            self._report = outgoing(self._build_report())
         return self._report
 
     def _judge_info(self) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from .errors import SftSafetyError
+from .sanitize import outgoing
 
 SCHEMA_VERSION = "1"
 T = TypeVar("T")
@@ -187,9 +188,11 @@ class Store:
         return self._get("generations", "response, new_tokens", keys)  # type: ignore[return-value]
 
     def put_generations(self, rows: Mapping[str, tuple[str, int]]) -> None:
+        """Store answers as ``sanitize.outgoing`` makes them (the runner hands them over clean already, so that
+        the judge sees what is stored; here no text can reach the file with a lone surrogate or a key)."""
         now = time.time()
         self._put("INSERT OR REPLACE INTO generations VALUES (?, ?, ?, ?)",
-                  [(key, text, tokens, now) for key, (text, tokens) in rows.items()])
+                  [(key, outgoing(text), tokens, now) for key, (text, tokens) in rows.items()])
 
     def get_judgments(self, keys: Sequence[str]) -> dict[str, int]:
         return {key: value[0] for key, value in self._get("judgments", "score", keys).items()}
@@ -258,7 +261,7 @@ class Store:
 
     def finish_claim(self, stage: str, shard: int, owner: str, state: str, message: str | None = None) -> None:
         self._put("UPDATE claims SET state = ?, message = ?, heartbeat = ? WHERE stage = ? AND shard = ? AND owner = ?",
-                  [(state, message, time.time(), stage, shard, owner)])
+                  [(state, outgoing(message), time.time(), stage, shard, owner)])
 
     def heartbeat(self, owner: str, pid: int) -> None:
         self._put("UPDATE claims SET heartbeat = ? WHERE owner = ? AND pid = ? AND state = 'running'",

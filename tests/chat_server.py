@@ -6,7 +6,9 @@ lists them at ``GET /v1/models`` with vLLM's ``root``/``parent`` fields. Concurr
 (what makes a real server's throughput grow with concurrency), and each request is sampled from its own
 ``seed`` with the transformers backend's decoding, so its answers equal that backend's. Fault injection for
 the client's retry and timeout handling: failing or slow first requests, an exit after N answers, ignored
-seeds, rejected parameters, a required API key, a content filter. ``GET /stats`` says what the server received.
+seeds, rejected parameters, a required API key, a content filter; hostile answers: text appended to each
+(``--append-json``, a JSON string, so it may be a lone surrogate) or the request's own key echoed (``--echo-key``).
+``GET /stats`` says what the server received.
 
     python tests/chat_server.py --base BASE [--lora NAME=PATH ...] [--port 0]   # prints "READY <port>"
 """
@@ -140,12 +142,18 @@ class Handler(BaseHTTPRequestHandler):
         self._send(401, {"error": {"message": "invalid API key", "type": "authentication_error"}})
         return False
 
+    @property
+    def route(self) -> str:
+        """The path from ``/v1/`` on: a gateway may put more in front of it (even the key: ``/KEY/v1``)."""
+        at = self.path.find("/v1/")
+        return self.path[at:] if at >= 0 else self.path
+
     def do_GET(self) -> None:  # noqa: N802
         state: ChatServer = self.server.state  # type: ignore[attr-defined]
         if self.path == "/stats":
             with state.lock:
                 self._send(200, dict(state.stats))
-        elif self.path == "/v1/models":
+        elif self.route == "/v1/models":
             if self._authorised(state):
                 self._send(200, {"object": "list", "data": state.listing})
         else:
@@ -174,7 +182,7 @@ class Handler(BaseHTTPRequestHandler):
                 os._exit(0)  # a server that dies mid-run
 
     def _answer(self, state: ChatServer, args: argparse.Namespace, body: dict, index: int) -> tuple[int, dict]:
-        if self.path != "/v1/chat/completions":
+        if self.route != "/v1/chat/completions":
             return 404, {"error": {"message": f"no route {self.path}"}}
         if not self._authorised(state):
             return 401, {"error": {"message": "invalid API key"}}
@@ -210,8 +218,11 @@ class Handler(BaseHTTPRequestHandler):
         pending = state.submit(Pending(state.names[model], row, settings))
         if pending.error:
             return 500, {"error": {"message": pending.error}}
+        text = pending.text + args.append
+        if args.echo_key:
+            text += f" (your key: {(self.headers.get('Authorization') or '').removeprefix('Bearer ')})"
         return 200, {"id": f"chatcmpl-{index}", "object": "chat.completion", "model": model,
-                     "choices": [{"index": 0, "message": {"role": "assistant", "content": pending.text},
+                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                   "finish_reason": "length" if pending.tokens >= settings[0] else "stop"}],
                      "usage": {"prompt_tokens": 0, "completion_tokens": pending.tokens,
                                "total_tokens": pending.tokens}}
@@ -234,7 +245,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reject-param", action="append", default=[], help="answer 400 when the request has it")
     parser.add_argument("--api-key-env", default="", help="require the key held by this environment variable")
     parser.add_argument("--filter-prompt", default="", help="answer as a content filter when a prompt has this")
+    parser.add_argument("--append-json", default='""',
+                        help='a JSON string appended to every answer, e.g. \'"\\ud800"\' (a lone surrogate)')
+    parser.add_argument("--echo-key", action="store_true", help="append the request's API key to every answer")
     args = parser.parse_args(argv)
+    args.append = json.loads(args.append_json)
     state = ChatServer(args)
     httpd = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
     httpd.daemon_threads = True

@@ -291,6 +291,21 @@ def test_credentials_in_the_url_are_refused_without_echoing_them():
     assert KEY not in assert_one_line(info.value)
 
 
+@pytest.mark.parametrize("query", ["?key=SECRET-judge-value", "?api-version=1&api_key=SECRET-judge-value",
+                                   "?SECRET-judge-value", "#SECRET-judge-value"])
+def test_a_key_in_the_query_string_is_refused_without_echoing_it(monkeypatch, query):
+    url = f"http://127.0.0.1:{closed_port()}/v1{query}"
+    with pytest.raises(ConfigError) as info:
+        make_api_judge("judge-model", endpoint=url, key_env=KEY_ENV)
+    shown = assert_one_line(info.value)
+    assert shown.startswith("--judge-endpoint 'http://127.0.0.1:") and "must not have a query" in shown
+    monkeypatch.setenv("OPENAI_BASE_URL", url)
+    with pytest.raises(ConfigError) as from_env:
+        make_api_judge("judge-model", key_env=KEY_ENV)
+    assert assert_one_line(from_env.value).startswith("$OPENAI_BASE_URL 'http://127.0.0.1:")
+    assert "SECRET" not in shown + str(from_env.value)
+
+
 def test_make_api_judge_speaks_of_the_judge_options(loopback, monkeypatch):
     monkeypatch.delenv(KEY_ENV, raising=False)
     loopback.respond = lambda index, call: (200, {}, completion("1"))

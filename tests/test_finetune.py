@@ -33,6 +33,19 @@ def sha(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def test_a_lone_surrogate_in_the_instruction_data_is_a_data_error_naming_the_row(tmp_path):
+    from pytest_sftsafety.errors import DataError
+    from pytest_sftsafety.tools.finetune import read_rows
+
+    rows = [{"instruction": "Say hi", "output": "hi"}, {"instruction": "Say \udfff", "output": "x"}]
+    for name in ("data.json", "data.jsonl"):
+        path = tmp_path / name
+        text = json.dumps(rows) if name.endswith(".json") else "\n".join(json.dumps(r) for r in rows)
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(DataError, match=rf"{name} row 2: field 'instruction' holds a lone surrogate \\udfff"):
+            read_rows(str(path))
+
+
 def test_alpaca_4bit_run_writes_loadable_checkpoints_per_epoch(tmp_path, toy_models, capsys):
     data = write_jsonl(tmp_path / "alpaca.jsonl", alpaca_rows())
     out = tmp_path / "runs"

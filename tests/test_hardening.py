@@ -4,6 +4,7 @@ the tool does."""
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import sqlite3
@@ -173,6 +174,31 @@ def test_code_shipped_with_a_checkpoint_never_runs_without_trust_remote_code(pyt
                                  "config.json), which is never run by default; pass --trust-remote-code if you "
                                  "trust its author*"])
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["question.jsonl", "question.csv"])
+def test_a_lone_surrogate_in_a_prompt_file_is_exit_4_with_one_line(pytester, toy_models, name):
+    """Once a tokenizer traceback, a FAILED item and exit 1: now the user's file is named, with its row and
+    the fix, before any model loads."""
+    rows = toy.placeholder_questions(SUITE)
+    rows[4]["turns"] = ["Explain \ud800 this"]  # written as the JSON escape \ud800, which json.loads accepts
+    path = pytester.path / name
+    if name.endswith(".jsonl"):
+        toy.write_jsonl(path, rows)
+    else:
+        with path.open("w", newline="", encoding="utf-8") as handle:  # turns as a JSON list, as exports hold it
+            writer = csv.writer(handle)
+            writer.writerow(["question_id", "category", "turns"])
+            writer.writerows([r["question_id"], r["category"], json.dumps(r["turns"])] for r in rows)
+    assert "\\ud800" in path.read_text(encoding="utf-8")
+    result = pytester.runpytest("--model", str(toy_models.answer_all), "--sftsafety-data", str(path), *FAST)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    row = 5 if name.endswith(".jsonl") else 6  # a CSV's header is its row 1
+    result.stderr.fnmatch_lines([f"ERROR: {path} row {row}: field 'turns' holds a lone surrogate \\ud800 (half of a "
+                                 f"UTF-16 pair, not a character: no model, store or report can take it); fix or "
+                                 f"remove that \\u escape in the file"])
+    assert "Traceback" not in result.stdout.str() + result.stderr.str()
+    assert len([line for line in result.stderr.str().splitlines() if line.strip()]) == 1
 
 
 def test_planted_tokens_and_keys_appear_in_no_output(pytester, toy_models, monkeypatch, loopback):

@@ -316,6 +316,19 @@ def test_sorry_bench_human_judgments_take_prompts_from_the_question_file(tmp_pat
         read_labels(bad)
 
 
+def test_a_lone_surrogate_in_a_labels_file_is_a_data_error_naming_the_row(tmp_path):
+    """The same check as for prompt files (data.check_text), for JSONL and for a JSON list."""
+    good = {"prompt": "p", "response": "I won't.", "label": 0}
+    bad = {"prompt": "p", "response": "Sure \ud83d", "label": 1}
+    lines = toy.write_jsonl(tmp_path / "labels.jsonl", [good, bad])
+    with pytest.raises(DataError, match=r"labels\.jsonl row 2: field 'response' holds a lone surrogate \\ud83d"):
+        read_labels(lines)
+    listed = tmp_path / "labels.json"
+    listed.write_text(json.dumps([good, good, bad]), encoding="utf-8")
+    with pytest.raises(DataError, match=r"labels\.json row 3: field 'response' holds a lone surrogate \\ud83d"):
+        read_labels(listed)
+
+
 def test_judge_agreement_with_one_class_of_labels_writes_null_rates(tmp_path):
     labels = toy.write_jsonl(tmp_path / "refusals.jsonl", [{"prompt": "p", "response": "I won't.", "label": 0}] * 3)
     assert cli_main(["judge-agreement", "--judge", "keyword", "--labels", str(labels), "--json",

@@ -12,7 +12,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pytest_sftsafety"
 CORE = ["suite", "config", "store", "stats", "verdict", "report", "baseline", "data", "errors", "seeding",
-        "provenance", "plot", "outputs"]
+        "provenance", "plot", "outputs", "sanitize"]
 ORCHESTRATION = ["session", "runner", "distributed", "progress"]
 HEAVY = ("torch", "pytest", "transformers", "peft", "_pytest", "vllm", "matplotlib")
 

@@ -226,21 +226,82 @@ def test_a_dying_server_keeps_every_answer_received_and_a_rerun_finishes(pyteste
 
 
 def test_the_api_key_is_sent_and_never_written(pytester, toy_models, serve, monkeypatch):
+    """Not even when the server echoes it in every answer, nor when the endpoint's path holds it (a gateway
+    that takes the key in its URL): answers are stored, judged and reported with it redacted, and the
+    endpoint the report records too."""
     key = "sk-test-PLANTED-0123456789abcdef"
     monkeypatch.setenv("SERVED_KEY", key)
-    server = serve("--api-key-env", "SERVED_KEY", env={"SERVED_KEY": key})
+    server = serve("--api-key-env", "SERVED_KEY", "--echo-key", env={"SERVED_KEY": key})
     args = ["--sftsafety-data", str(toy_models.data_202503), *FAST, "--sftsafety-store", "store.sqlite"]
     missing = pytester.runpytest(*args, *served_args(server))
     assert missing.ret == pytest.ExitCode.USAGE_ERROR
     missing.stderr.fnmatch_lines(["ERROR: --endpoint http://127.0.0.1:*rejected the request with HTTP 401*check "
                                   "the API key*"])
-    result = pytester.runpytest(*args, *served_args(server), "--api-key-env", "SERVED_KEY", "--sftsafety-json",
-                                "report.json", "--sftsafety-md", "summary.md", "--junitxml", "junit.xml")
+    gateway = f"http://127.0.0.1:{server.port}/{key}/v1"
+    result = pytester.runpytest(*args, *served_args(server), "--endpoint", gateway, "--api-key-env", "SERVED_KEY",
+                                "--sftsafety-samples", "--sftsafety-json", "report.json", "--sftsafety-md",
+                                "summary.md", "--junitxml", "junit.xml")
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     outputs = [result.stdout.str(), result.stderr.str(),
                *[(pytester.path / name).read_text() for name in ("report.json", "summary.md", "junit.xml")]]
-    outputs.append((pytester.path / "store.sqlite").read_bytes().decode("latin-1"))
+    with sqlite3.connect(pytester.path / "store.sqlite") as db:
+        db.execute("PRAGMA wal_checkpoint(FULL)")  # every answer in the file itself, none left in the WAL
+        stored = [row[0] for row in db.execute("select response from generations")]
+    outputs += [path.read_bytes().decode("latin-1") for path in pytester.path.glob("store.sqlite*")]
     assert not [text for text in outputs if key in text]
+    # The echo really happened, and what the run kept says so.
+    assert len(stored) == 120 and all(text.endswith("(your key: [redacted])") for text in stored)
+    report = json.loads((pytester.path / "report.json").read_text())
+    assert report["run"]["redacted_answers"] == 120 and report["run"]["unencodable_answers"] == 0
+    assert report["provenance"]["device"] == f"server http://127.0.0.1:{server.port}/[redacted]/v1"
+    answers = [a for e in report["entries"] for sample in e["answers"]["reference"] for a in sample]
+    assert answers and all(a.endswith("(your key: [redacted])") for a in answers)
+    result.stdout.fnmatch_lines(["*120 answers quoted a key or a credential in a URL*stored and judged with it "
+                                 "redacted*"])
+    assert "120 answers quoted a key" in (pytester.path / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("endpoint", ["/v1?api_key=SECRET-in-query-1", "/v1?key=SECRET-in-query-1",
+                                      "/v1?model=x&token=SECRET-in-query-1"])
+def test_a_key_in_the_endpoints_query_string_is_refused_without_echoing_it(pytester, toy_models, endpoint):
+    url = f"http://127.0.0.1:{closed_port()}{endpoint}"
+    result = pytester.runpytest("--sftsafety-data", str(toy_models.data_202503), "--backend", "openai",
+                                "--endpoint", url, "--model", "a", "--reference", "b")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: --endpoint 'http://127.0.0.1:*/v1?*=*': the URL must not have a query or "
+                                 "fragment; give the base URL, e.g. http://127.0.0.1:8000/v1, and pass a key through "
+                                 "the environment, never in the URL"])
+    assert "SECRET-in-query-1" not in result.stdout.str() + result.stderr.str()
+
+
+def test_a_lone_surrogate_in_served_answers_is_replaced_counted_and_the_run_completes(pytester, toy_models, serve):
+    """A server may send half of a UTF-16 pair as the JSON escape \\ud800 (a cut emoji). It is the model's
+    answer, not the user's input: stored and judged with U+FFFD in its place, counted and noted, and the
+    gate gives the verdict the model deserves (once: an encoding error in the store, and exit 1)."""
+    server = serve("--append-json", '" \\ud800"')
+    args = ["--sftsafety-data", str(toy_models.data_202503), *FAST, "--sftsafety-store", "store.sqlite",
+            *served_args(server, "keeps"), "--sftsafety-samples", "--sftsafety-json", "report.json",
+            "--sftsafety-md", "summary.md", "--junitxml", "junit.xml"]
+    result = pytester.runpytest(*args)
+    assert result.ret == pytest.ExitCode.OK, result.stdout.str()[-2000:]
+    raw = (pytester.path / "report.json").read_bytes()
+    report = json.loads(raw.decode("utf-8"))  # strict UTF-8
+    assert "\\ud800" not in raw.decode("utf-8")
+    assert {e["verdict"] for e in report["entries"]} <= {"PASS", "FLAKY"}
+    assert report["run"]["unencodable_answers"] == report["run"]["generated"] == 120
+    answers = [a for e in report["entries"] for sample in e["answers"]["candidates"][0]["answers"] for a in sample]
+    assert answers and all(a.endswith(" \ufffd") for a in answers)
+    with sqlite3.connect(pytester.path / "store.sqlite") as db:
+        db.text_factory = bytes  # the bytes as stored, decoded strictly below
+        stored = [row[0].decode("utf-8") for row in db.execute("select response from generations")]
+    assert len(stored) == 120 and all(text.endswith(" \ufffd") for text in stored)
+    result.stdout.fnmatch_lines(["*120 answers held lone surrogates*stored and judged with U+FFFD in their place*"])
+    (pytester.path / "summary.md").read_text(encoding="utf-8")
+    # A re-run takes the cleaned answers from the store and agrees.
+    again = pytester.runpytest(*args[:-6], "--sftsafety-json", "again.json")
+    assert again.ret == pytest.ExitCode.OK
+    rerun = json.loads((pytester.path / "again.json").read_text())
+    assert rerun["run"]["generated"] == 0 and rerun["entries"] == report["entries"]
 
 
 @pytest.mark.parametrize("args, message", [

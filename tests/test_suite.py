@@ -137,6 +137,57 @@ def test_csv_and_parquet_with_the_same_columns(tmp_path, suite, rows):
         load_prompts(suite, str(tmp_path / "wrong.csv"))
 
 
+SURROGATE_LINE = (r"row 5: field 'turns' holds a lone surrogate \\ud800 \(half of a UTF-16 pair, not a character: "
+                  r"no model, store or report can take it\); fix or remove that \\u escape in the file")
+
+
+def test_a_lone_surrogate_in_a_prompt_is_a_data_error_naming_file_and_row(tmp_path, suite, rows):
+    """JSON may spell half of a UTF-16 pair as the escape \\ud800: valid JSON, but no text. Every format the
+    loader reads refuses it with the row, before a tokenizer or the store could fail on it."""
+    import csv
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows[4]["turns"] = ["Explain \ud800 this"]
+    jsonl = write(tmp_path, rows)
+    assert '"Explain \\ud800 this"' in jsonl.read_text(encoding="utf-8")  # the file holds the JSON escape
+    with pytest.raises(DataError) as exc:
+        load_prompts(suite, str(jsonl))
+    assert re.fullmatch(rf"{re.escape(str(jsonl))} {SURROGATE_LINE}", one_line(exc)), one_line(exc)
+    path = tmp_path / "question.csv"
+    with path.open("w", newline="", encoding="utf-8") as handle:  # turns as SORRY-Bench's CSV exports hold it
+        writer = csv.DictWriter(handle, fieldnames=["question_id", "category", "turns", "prompt_style"])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, "turns": json.dumps(row["turns"])})
+    with pytest.raises(DataError, match=r"question\.csv row 6: field 'turns' holds a lone surrogate \\ud800"):
+        load_prompts(suite, str(path))  # row 6: the header is row 1
+    table = pa.Table.from_pylist([{**row, "turns": json.dumps(row["turns"])} for row in rows])
+    pq.write_table(table, tmp_path / "question.parquet")
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'question.parquet'} ") + SURROGATE_LINE):
+        load_prompts(suite, str(tmp_path / "question.parquet"))
+    rows[4]["turns"] = ["fine"]
+    rows[7]["\udc80note"] = "an odd field name"
+    with pytest.raises(DataError, match=r"row 8: field '\\udc80note' holds a lone surrogate \\udc80"):
+        load_prompts(suite, str(write(tmp_path, rows)))
+
+
+def test_parquet_text_that_is_not_utf8_names_the_row(tmp_path, suite, rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    turns = [json.dumps(row["turns"]).encode() for row in rows]
+    turns[2] = b'["caf\xe9"]'  # Latin-1, which a writer that skips the check can store in a string column
+    raw = pa.array(turns, type=pa.binary())
+    table = pa.table({"question_id": [r["question_id"] for r in rows], "category": [r["category"] for r in rows],
+                      "turns": pa.Array.from_buffers(pa.string(), len(raw), raw.buffers())})
+    pq.write_table(table, tmp_path / "question.parquet")
+    with pytest.raises(DataError, match=r"question\.parquet row 3: a text column holds bytes that are not UTF-8; "
+                                        r"re-export the file from its source as UTF-8"):
+        load_prompts(suite, str(tmp_path / "question.parquet"))
+
+
 def test_prompt_styles_from_a_folder(tmp_path, suite, rows):
     write(tmp_path, rows)
     slang = [{**r, "prompt_style": "slang", "turns": [r["turns"][0] + " yo"]} for r in rows]

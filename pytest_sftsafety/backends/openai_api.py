@@ -27,13 +27,13 @@ from urllib.parse import urlsplit
 
 from ..config import DEFAULT_KEY_ENV, normalise_base_url
 from ..errors import ConfigError, SftSafetyError, one_line
+from ..sanitize import redact, register_secret
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 USER_AGENT = "pytest-sftsafety"
 MESSAGE_CHARS = 200  # how much of a server's error message a one-line error keeps
 MAX_BACKOFF_S = 30.0
 MAX_RETRY_AFTER_S = 120.0  # a longer Retry-After is capped: waiting an hour would stall the whole run
-REDACTED = "[redacted]"
 _RETRYABLE_STATUS = {408, 429}  # plus every 5xx
 
 # A private generator: jitter must not advance the global `random` state that seeded code may rely on.
@@ -118,13 +118,6 @@ def resolve_endpoint(base_url: str | None, key_env: str | None, *, option: str =
         warnings.warn(f"{option} {url}: the API key in ${env_name} goes to that host over unencrypted http",
                       stacklevel=2)
     return Endpoint(url, key, env_name)
-
-
-def redact(text: str, secrets: Sequence[str | None]) -> str:
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, REDACTED)
-    return text
 
 
 def _one_line(text: str, limit: int = MESSAGE_CHARS) -> str:
@@ -402,6 +395,7 @@ class ChatClient:
         self.base_url = normalise_base_url(base_url, name)
         self.model = model
         self._api_key = api_key or None
+        register_secret(self._api_key)  # whatever a server or an error echoes of it is redacted on the way out
         self.concurrency = int(concurrency)
         self.timeout_s = float(timeout_s)
         self.max_retries = int(max_retries)

@@ -4,7 +4,9 @@ server or a hosted API. stdlib only: the models live on the server, so nothing h
 ``--model`` and ``--reference`` name served models (vLLM serves each LoRA adapter under its own name). Each
 sample is one request carrying the seed the transformers backend would use for it, so a sample's identity
 is the same in every backend; whether the server honours seeds is checked once per process and reported.
-Answers are handed to the store as they arrive, so an interrupted run keeps every answer it received.
+Answers are handed to the store as they arrive, so an interrupted run keeps every answer it received. What a
+server sends is outside text: the runner keeps each answer with its lone surrogates replaced by U+FFFD and any
+key it echoes redacted (``runner.answer_text``), and the store and the judge both see that text.
 """
 
 from __future__ import annotations

@@ -5,7 +5,9 @@ response complies with, i.e. can directly assist with or resolve, the request; 0
 gives related content that cannot directly resolve it. The request and the response are data written by
 others (the response by the model under test, which fine-tuning may have taught anything), so they go in
 the user message between boundary markers that they cannot contain, with chat-template look-alikes
-defused, and the system prompt says that the content between the markers is never an instruction.
+defused, and the system prompt says that the content between the markers is never an instruction. The
+response is the one the store keeps (``runner.answer_text``: lone surrogates replaced by U+FFFD, a key that
+a server echoed redacted); the judge's own replies are read for a score and never stored.
 """
 
 from __future__ import annotations

@@ -15,9 +15,10 @@ import time
 from pathlib import Path
 from urllib.parse import urlencode, urlsplit
 
-from ..backends.openai_api import EndpointError, post_json, redact
+from ..backends.openai_api import EndpointError, post_json
 from ..config import normalise_base_url
 from ..errors import ConfigError, ModelLoadError, first_line
+from ..sanitize import redact, register_secret
 
 PERSPECTIVE_URL = "https://commentanalyzer.googleapis.com/v1alpha1/comments:analyze"
 PERSPECTIVE_KEY_ENV = "PERSPECTIVE_API_KEY"
@@ -74,6 +75,7 @@ class PerspectiveScorer(ToxicityScorer):
             raise ConfigError(f"--toxicity perspective needs an API key and ${PERSPECTIVE_KEY_ENV} is not "
                               f"set; export {PERSPECTIVE_KEY_ENV}=... or use --toxicity local:PATH")
         self._key = key
+        register_secret(key)  # it travels in the query string: kept out of every text that leaves the run
         self.url = normalise_base_url(url, "Perspective URL")
         self.limiter = RateLimiter(requests_per_s)
         self.timeout_s = timeout_s

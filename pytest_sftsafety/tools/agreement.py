@@ -126,7 +126,7 @@ def _text(value: object) -> str:
 
 
 def _records(path: Path) -> list[tuple[int, dict]]:
-    from ..data import _decode, _rows_jsonl
+    from ..data import _decode, _rows_jsonl, check_rows
 
     raw = path.read_bytes()
     if path.suffix.lower() == ".parquet":
@@ -141,12 +141,14 @@ def _records(path: Path) -> list[tuple[int, dict]]:
         stripped = text.lstrip()
         if path.suffix.lower() == ".json" and stripped.startswith("["):
             try:
-                return list(enumerate(json.loads(text), start=1))
+                records = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}: not valid JSON ({exc.msg}); give a list of labelled objects") from None
             except RecursionError:
                 raise DataError(f"{path}: JSON nested too deeply to read; give a list of flat labelled objects") \
                     from None
+            check_rows(records if isinstance(records, list) else [records], path)
+            return list(enumerate(records, start=1))
         return _rows_jsonl(text, path, record="labelled")
     raise DataError(f"{path}: unknown labels file type '{path.suffix}'; use .csv, .jsonl, .json or .parquet")
 

@@ -97,7 +97,7 @@ class Examples:
 
 def read_rows(source: str) -> tuple[list[dict], str]:
     """Rows of a local JSONL, JSON (a list), CSV or parquet file, or of a hub dataset's train split."""
-    from ..data import _decode, _rows_jsonl, _rows_parquet
+    from ..data import _decode, _rows_jsonl, _rows_parquet, check_rows
 
     path = Path(source)
     if path.is_file():
@@ -114,6 +114,7 @@ def read_rows(source: str) -> tuple[list[dict], str]:
                 raise DataError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno}); fix the file") from None
             except RecursionError:
                 raise DataError(f"{path}: JSON nested too deeply to read; give a list of flat examples") from None
+            check_rows(rows if isinstance(rows, list) else [rows], path)
         elif suffix == ".csv":
             import csv
             import io
