@@ -30,3 +30,20 @@ def test_json_nested_past_the_recursion_limit_is_one_line_in_every_loader(tmp_pa
         with pytest.raises(SftSafetyError) as caught:
             load(str(deep))
         assert "\n" not in str(caught.value) and "deep.json" in str(caught.value)
+
+
+def test_deep_json_in_an_adapter_config_or_a_servers_answer_is_one_line(tmp_path, loopback):
+    from pytest_sftsafety.backends.checkpoints import plan_models
+    from pytest_sftsafety.backends.openai_api import post_json
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"base_model_name_or_path": ' + DEEP + "}")
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(SftSafetyError, match=r"adapter_config.json is not valid JSON"):
+        plan_models((str(adapter),), None, None, False)
+    loopback.respond = lambda index, call: (200, {"Content-Type": "application/json"}, DEEP)
+    with pytest.raises(SftSafetyError, match=r"answered with something that is not a JSON object") as caught:
+        post_json(f"{loopback.url}/v1/chat/completions", {"x": 1}, headers={}, timeout_s=5, max_retries=0,
+                  backoff_s=0.01, describe="server", hint="start it")
+    assert "\n" not in str(caught.value)

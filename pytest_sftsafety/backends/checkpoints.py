@@ -83,7 +83,7 @@ def resolve(spec: str, label: str, base_override: str | None, allow_pickle: bool
 def _adapter(spec: str, folder: Path, label: str, base_override: str | None, allow_pickle: bool) -> Checkpoint:
     try:
         cfg = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise ModelLoadError(f"{label} {spec}: adapter_config.json is not valid JSON ({exc}); "
                              f"re-save the adapter") from None
     names = {p.name for p in folder.iterdir()}
@@ -186,7 +186,7 @@ def model_config(source: str) -> dict | None:
     path = Path(source) / "config.json" if Path(source).is_dir() else _hub_file(source, "config.json")
     try:
         config = json.loads(path.read_text(encoding="utf-8")) if path is not None else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return config if isinstance(config, dict) else None
 

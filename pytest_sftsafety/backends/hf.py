@@ -72,7 +72,7 @@ def needs_remote_code(source: str) -> bool:
 
     try:
         return "auto_map" in json.loads((Path(source) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError, TypeError, RecursionError):
         return False
 
 

@@ -132,7 +132,7 @@ def _server_message(body: bytes) -> str:
     text = body.decode("utf-8", "replace")
     try:
         document = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return text
     if isinstance(document, dict):
         error = document.get("error")
@@ -282,7 +282,7 @@ def post_json(url: str, payload: dict | None, *, headers: dict[str, str], timeou
                 raw = response.read()
             try:
                 document = json.loads(raw.decode("utf-8"))
-            except ValueError:
+            except (ValueError, RecursionError):
                 document = None
             if not isinstance(document, dict):
                 shown = _one_line(redact(raw.decode("utf-8", "replace"), secrets), 80)

@@ -30,7 +30,7 @@ def lora_rank(adapter: str) -> int:
     """The largest rank of a saved adapter (``r`` and any ``rank_pattern`` in adapter_config.json)."""
     try:
         config = json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return 8
     pattern = config.get("rank_pattern") if isinstance(config.get("rank_pattern"), dict) else {}
     ranks = [config.get("r") or 8, *pattern.values()]
@@ -59,7 +59,7 @@ def context_length(model: str, needed: int) -> int:
     try:
         config = json.loads((Path(model) / "config.json").read_text(encoding="utf-8"))
         limit = int(config.get("max_position_embeddings") or rounded)
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError, TypeError, RecursionError):
         return needed
     return max(needed, min(rounded, limit))
 
