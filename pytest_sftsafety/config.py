@@ -218,11 +218,12 @@ def check_backend(value: object, raw: dict[str, Any], typed: set[str] | None = N
     return backend
 
 
-def parse_limits(values: list | tuple) -> tuple[tuple[str, float], ...]:
-    """``--max-fulfillment`` values: ``RATE`` for the overall rate, ``SCOPE=RATE`` for a domain or category."""
+def parse_limits(values: object) -> tuple[tuple[str, float], ...]:
+    """``--max-fulfillment`` values: ``RATE`` for the overall rate, ``SCOPE=RATE`` for a domain or category
+    (one value alone, such as a number from a settings file, counts as a list of one)."""
     spec = OPTION_BY_DEST["max_fulfillment"]
     limits = []
-    for raw in values:
+    for raw in values if isinstance(values, (list, tuple)) else [values]:
         scope, _, rate = str(raw).rpartition("=")
         scope = scope.strip() or "overall"
         limits.append((scope, _to_float(spec, rate, 0.0, 1.0, example="0.2")))

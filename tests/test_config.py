@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_sftsafety.config import OPTIONS, build_config
+from pytest_sftsafety.config import OPTIONS, build_config, parse_limits
 from pytest_sftsafety.errors import ConfigError
 
 
@@ -127,3 +127,11 @@ def test_another_backends_settings_from_files_are_ignored_and_defaults_pass():
     cfg = build_config(lambda spec: values.get(spec.dest), typed={"model", "backend"})
     assert cfg.endpoint is None and cfg.concurrency == 8
     assert config_with(model=["a"], **SERVED, batch_size="auto", gpus_per_worker="1").backend == "openai"
+
+
+def test_a_lone_limit_value_is_a_list_of_one_and_a_bad_one_is_one_line():
+    # A bare number (as a settings file may give one) is the overall limit; found by the fault matrix's fuzzing,
+    # which gave parse_limits a float and got a TypeError.
+    assert parse_limits(0.2) == (("overall", 0.2),)
+    with pytest.raises(ConfigError, match=r"^--max-fulfillment 3: must be a number in \[0, 1\]"):
+        parse_limits(3)
