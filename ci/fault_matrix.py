@@ -629,6 +629,15 @@ FIXED = {
     "a translated prompt style with an English-only judge": "judged text it cannot read",
     "the adapter rewritten during generation": "answers of new weights stored under the old fingerprint",
     "a read-only store holding the run's answers": "'damaged or not a result store', exit 4",
+    "a prompt longer than the model's context (2048 tokens)": "ran on for minutes, gigabytes of memory",
+    "--max-new-tokens 100000 on a 2048-token model": "generated past the model's context",
+    "an adapter whose target_modules do not match its saved weights": "ran as an untrained adapter, full report",
+    "a tokenizer with neither a pad nor an end-of-sequence token (batch sizes 1, 8)": "exit 3 in the decode loop",
+    "a prompt holding a lone surrogate (JSONL, the escape \\ud800)": "tokenizer traceback",
+    "a prompt holding a lone surrogate (CSV, in the turns list)": "tokenizer traceback",
+    "a key in the --endpoint query string (?api_key=...)": "the key echoed in the error line",
+    "a served answer holding a lone surrogate (a server's JSON escape \\ud800)": "UnicodeEncodeError in the store",
+    "a server that echoes the API key in every answer": "the key stored and reported",
 }
 
 
