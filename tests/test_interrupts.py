@@ -18,6 +18,7 @@ def completion(text: str) -> dict:
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}
 
 
+@pytest.mark.slow  # a real run interrupted mid-judging, as the other interrupted runs
 def test_ctrl_c_while_the_api_judge_works_stops_the_run_and_its_requests(pytester, toy_models, loopback):
     loopback.respond = lambda index, call: (200, {}, completion("0"))
     loopback.delay = lambda index, call: 0.5

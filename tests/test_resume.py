@@ -161,6 +161,7 @@ def test_a_read_only_store_serves_a_run_it_holds_and_refuses_new_work_before_doi
     assert "generating" not in more.stdout.str() and "Traceback" not in more.stdout.str()
 
 
+@pytest.mark.slow  # a real run stopped mid-generation, as the killed and interrupted ones
 def test_an_adapter_written_to_during_the_run_stops_it_before_its_answers_are_stored(pytester, toy_models):
     """Answers are stored under the sha256 of the weights: when the adapter file changes mid-run (a training
     job still saving), the run stops with one line and no batch made after the change is stored."""
