@@ -18,33 +18,28 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "ci"))
+sys.path[:0] = [str(ROOT / "ci"), str(ROOT)]
 from _bench_models import random_model, sorry_bench_prompts  # noqa: E402
 
 from pytest_sftsafety.backends import GenRow  # noqa: E402
 from pytest_sftsafety.backends.served import OpenAIBackend, plan_served  # noqa: E402
 from pytest_sftsafety.config import RunConfig  # noqa: E402
 from pytest_sftsafety.seeding import sample_seed  # noqa: E402
+from tests.chat_server import launch  # noqa: E402
 
 
 def start_server(model: Path, max_batch: int) -> tuple[subprocess.Popen, str]:
-    process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "chat_server.py"), "--base", str(model),
-                                "--lora", f"tuned={model / 'adapter'}", "--max-batch", str(max_batch)],
-                               stdout=subprocess.PIPE, text=True)
-    line: list[str] = []
-    reader = threading.Thread(target=lambda: line.append(process.stdout.readline()), daemon=True)
-    reader.start()
-    reader.join(300)
-    if not line or not line[0].startswith("READY"):
-        process.kill()
-        raise SystemExit("the chat server did not start")
-    return process, f"http://127.0.0.1:{int(line[0].split()[1])}"
+    try:
+        process, port = launch(["--base", str(model), "--lora", f"tuned={model / 'adapter'}", "--max-batch",
+                                str(max_batch)])
+    except RuntimeError as exc:
+        raise SystemExit(str(exc)) from None
+    return process, f"http://127.0.0.1:{port}"
 
 
 def run_level(url: str, concurrency: int, rows: list[GenRow], tokens: int) -> tuple[float, list[str], int]:

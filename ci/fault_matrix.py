@@ -487,19 +487,15 @@ def clock_jump(m: Matrix) -> None:
           "nothing", ok=same, output=done.stdout + done.stderr)
 def serve(m: Matrix, *args: str) -> tuple[subprocess.Popen, str]:
     """tests/chat_server.py serving the example's base as ``base`` and its adapter as ``tuned``."""
-    import threading
+    sys.path.insert(0, str(ROOT))
+    from tests.chat_server import launch
 
-    process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "chat_server.py"), "--base",
-                                str(m.models["base"]), "--lora", f"tuned={m.models['adapter']}", *args],
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    line: list[str] = []
-    reader = threading.Thread(target=lambda: line.append(process.stdout.readline()), daemon=True)
-    reader.start()
-    reader.join(300)
-    if not line or not line[0].startswith("READY"):
-        process.kill()
-        raise SystemExit("the chat server did not start")
-    return process, f"http://127.0.0.1:{int(line[0].split()[1])}/v1"
+    try:
+        process, port = launch(["--base", str(m.models["base"]), "--lora", f"tuned={m.models['adapter']}", *args],
+                               stderr=subprocess.DEVNULL)
+    except RuntimeError as exc:
+        raise SystemExit(str(exc)) from None
+    return process, f"http://127.0.0.1:{port}/v1"
 
 
 def strict_utf8(*paths: Path) -> bool:

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import random
+import subprocess
 import sys
 import threading
 import time
@@ -226,6 +227,21 @@ class Handler(BaseHTTPRequestHandler):
                                   "finish_reason": "length" if pending.tokens >= settings[0] else "stop"}],
                      "usage": {"prompt_tokens": 0, "completion_tokens": pending.tokens,
                                "total_tokens": pending.tokens}}
+
+
+def launch(args: list[str], timeout_s: float = 300, **popen) -> tuple[subprocess.Popen, int]:
+    """This server in a process of its own with ``args``; returns the process and its port once it says READY
+    (its models loaded). RuntimeError, with the end of its stderr when that is piped, if it does not."""
+    process = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True, **popen)
+    line: list[str] = []
+    reader = threading.Thread(target=lambda: line.append(process.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout_s)
+    if not line or not line[0].startswith("READY"):
+        process.kill()
+        said = process.stderr.read()[-2000:] if process.stderr else ""
+        raise RuntimeError(f"the chat server did not start{': ' + said if said else ''}")
+    return process, int(line[0].split()[1])
 
 
 def main(argv: list[str] | None = None) -> int:

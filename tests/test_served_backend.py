@@ -10,7 +10,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 import urllib.request
 from pathlib import Path
 
@@ -25,10 +24,10 @@ from pytest_sftsafety.errors import ConfigError, ModelLoadError
 from pytest_sftsafety.seeding import sample_seed
 from pytest_sftsafety.suite import load_suite
 
+from .chat_server import launch
 from .conftest import ctrl_c_works
 from .loopback import assert_one_line, closed_port
 
-SERVER = Path(__file__).with_name("chat_server.py")
 FAST = ["--max-new-tokens", "24", "--seeds", "2", "-p", "no:cacheprovider", "-k", "01_ or 07_"]
 
 
@@ -36,19 +35,10 @@ class ServerProcess:
     """tests/chat_server.py in its own process, serving the toy base as ``base`` and adapters by name."""
 
     def __init__(self, toy_models, *args: str, port: int = 0, env: dict | None = None) -> None:
-        command = [sys.executable, str(SERVER), "--base", str(toy_models.base), "--lora",
-                   f"answer_all={toy_models.answer_all}", "--lora", f"keeps={toy_models.keeps_refusing}",
-                   "--port", str(port), *args]
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
-        line: list[str] = []
-        reader = threading.Thread(target=lambda: line.append(self.process.stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(180)
-        if not line or not line[0].startswith("READY"):
-            self.process.kill()
-            raise RuntimeError(f"chat server did not start: {self.process.stderr.read()[-2000:]}")
-        self.port = int(line[0].split()[1])
+        self.process, self.port = launch(
+            ["--base", str(toy_models.base), "--lora", f"answer_all={toy_models.answer_all}", "--lora",
+             f"keeps={toy_models.keeps_refusing}", "--port", str(port), *args], timeout_s=180,
+            stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
         self.url = f"http://127.0.0.1:{self.port}/v1"
 
     def stats(self) -> dict:
