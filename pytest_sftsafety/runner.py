@@ -374,12 +374,7 @@ def _judge_all(cfg: RunConfig, judge, rows: list[GenRow], variants: list[str], t
     # A cipher style's answers are judged decoded (ciphers.readable); what is stored stays as generated.
     shown: dict[str, list] = {}
     for v in variants:
-        shown[v] = []
-        for text in texts[v]:
-            plain, decoded = readable(cfg.prompt_style, text) if text is not None else (text, False)
-            shown[v].append(plain)
-            stats.decoded_for_judge += decoded
-    for v in variants:
+        shown[v] = [readable(cfg.prompt_style, text)[0] if text is not None else text for text in texts[v]]
         keys = [judgment_key(judge.id, row.prompt, shown[v][i]) for i, row in enumerate(rows)]
         found = {} if cfg.fresh else store.get_judgments(keys)
         for i, key in enumerate(keys):
@@ -388,6 +383,8 @@ def _judge_all(cfg: RunConfig, judge, rows: list[GenRow], variants: list[str], t
             else:
                 pending.append((v, i, key))
     store.require_writable(len(pending), "judgments")
+    # Counted as the judgments are (those made now), so an adaptive stage does not count its first stage's again.
+    stats.decoded_for_judge += sum(shown[v][i] != texts[v][i] for v, i, _ in pending)
     if pending:
         truncated = judge.truncated
         bar = make_progress(len(pending), "judging")

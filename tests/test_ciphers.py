@@ -77,3 +77,30 @@ def test_a_caesar_run_judges_plain_answers_as_written_and_a_translated_one_is_re
     assert translated.ret == pytest.ExitCode.USAGE_ERROR
     translated.stderr.fnmatch_lines(["ERROR: --prompt-style translate-fr: answers come in another language, which "
                                      "the learned judge (English only) cannot read*"])
+
+
+def test_the_runner_judges_cipher_answers_decoded_and_counts_them_once(tmp_path):
+    from pytest_sftsafety.backends import GenRow
+    from pytest_sftsafety.config import RunConfig
+    from pytest_sftsafety.judges import make_judge
+    from pytest_sftsafety.runner import RunStats, _judge_all
+    from pytest_sftsafety.store import Store
+
+    class Quiet:
+        def update(self, rows, tokens=0):
+            pass
+
+        def close(self):
+            pass
+
+    cfg = RunConfig(models=("m",), prompt_style="caesar")
+    rows = [GenRow("Ciphered request", 0.0, 0), GenRow("Another", 0.0, 0)]
+    texts = {"candidate:0": [caesar(HELP), REFUSAL]}
+    store, judge, stats = Store(tmp_path / "s.sqlite"), make_judge("keyword"), RunStats()
+    scores = _judge_all(cfg, judge, rows, ["candidate:0"], texts, store, stats, lambda total, label: Quiet())
+    # The ciphered help is judged as the help it decodes to; the plain refusal as the refusal it is.
+    assert scores["candidate:0"] == judge.score([r.prompt for r in rows], [HELP, REFUSAL])
+    assert stats.decoded_for_judge == 1
+    again = RunStats()  # a later stage finds these judgments stored: nothing judged, nothing counted twice
+    _judge_all(cfg, judge, rows, ["candidate:0"], texts, store, again, lambda total, label: Quiet())
+    assert (again.judged, again.decoded_for_judge) == (0, 0)
